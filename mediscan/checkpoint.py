@@ -1,0 +1,195 @@
+"""Checkpoints: one ``.safetensors`` file holding the weights and a JSON metadata record.
+
+Loading never unpickles (safetensors holds raw tensors only), and saving is atomic: the file is written
+to a temporary name in the same folder, flushed to disk, then renamed over the old one, so a crash or a
+full disk mid-save leaves the previous checkpoint intact.
+
+Tensor names: ``model.<state-dict key>`` for the classifier, ``<group>.<name>`` for extra tensors
+(``ood.*`` out-of-scope statistics, ``optim.*`` optimizer state in resumable training checkpoints).
+
+Metadata keys (JSON, see :func:`new_metadata`): ``classes``, ``architecture``, ``preprocessing``,
+``dropout``, ``weight_source``, ``temperature``, ``train_args``, ``dataset_fingerprint``, ``metrics``,
+``versions``, ``created``, plus whatever else the writer adds (``ood``, ``epoch``, ``stage`` ...).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .model import ARCHITECTURE, OrganClassifier, densenet121_features
+from .preprocessing import PreprocessConfig
+
+FORMAT = "mediscan-checkpoint"
+FORMAT_VERSION = "1"
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit this program (message says which and why)."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: OrganClassifier
+    meta: dict
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta["preprocessing"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature") or 1.0)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for reproducing a checkpoint."""
+    import numpy
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        from importlib.metadata import version
+        versions["torchxrayvision"] = version("torchxrayvision")
+    except Exception:  # noqa: BLE001 -- metadata is informative only
+        pass
+    return versions
+
+
+def new_metadata(classes: list[str], preprocessing: PreprocessConfig, weight_source: str,
+                 dropout: float = 0.0, **extra) -> dict:
+    """The metadata record every checkpoint starts from."""
+    meta = {
+        "classes": list(classes),
+        "architecture": ARCHITECTURE,
+        "preprocessing": preprocessing.to_dict(),
+        "dropout": float(dropout),
+        "weight_source": weight_source,
+        "temperature": 1.0,
+        "train_args": {},
+        "dataset_fingerprint": None,
+        "metrics": {},
+        "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(extra)
+    return meta
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` + ``meta`` (+ extra tensors) to ``path`` atomically and return the path."""
+    path = Path(path)
+    if len(meta.get("classes", [])) != model.head.fc.out_features:
+        raise CheckpointError(f"metadata lists {len(meta.get('classes', []))} classes but the model has "
+                              f"{model.head.fc.out_features} outputs")
+    tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for name, tensor in (extra or {}).items():
+        if name.startswith(MODEL_PREFIX):
+            raise ValueError(f"extra tensor name {name!r} clashes with the model's prefix")
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": json.dumps(meta, default=str)}
+    payload = safetensors_bytes(tensors, metadata=header)
+    atomic_write_bytes(path, payload)
+    return path
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write bytes to ``path`` so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata record only (reads the header, not the weights)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc}). It may be corrupt or "
+                              f"truncated; retrain or restore it from a backup.") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a MediScan checkpoint "
+                              f"(no '{FORMAT}' header).")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses checkpoint format {header.get('format_version')}, "
+                              f"this MediScan reads format {FORMAT_VERSION}.")
+    try:
+        return json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has corrupt metadata ({exc}).") from None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a checkpoint into a fresh :class:`OrganClassifier` in eval mode.
+
+    Raises :class:`CheckpointError` for a missing or corrupt file, another architecture, missing or
+    unexpected weights, or a class count that does not match the weights.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(f"{path} holds a {meta.get('architecture')!r} model; "
+                              f"this MediScan builds {ARCHITECTURE!r}.")
+    classes = meta.get("classes") or []
+    try:
+        PreprocessConfig.from_dict(meta.get("preprocessing", {}))
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} could not be read ({exc}); it may be corrupt.") from None
+
+    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)}
+    fc_weight = state.get("head.fc.weight")
+    if fc_weight is None:
+        raise CheckpointError(f"{path} has no classifier head weights (head.fc.weight).")
+    if fc_weight.shape[0] != len(classes):
+        raise CheckpointError(f"{path} lists {len(classes)} classes {classes} but its head has "
+                              f"{fc_weight.shape[0]} outputs.")
+
+    model = OrganClassifier(densenet121_features(), len(classes), float(meta.get("dropout", 0.0)))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path} does not fit the {ARCHITECTURE} model: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} wrongly shaped weights (first: {(missing + unexpected + wrong)[:3]}).")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return LoadedCheckpoint(model=model, meta=meta, extra=extra, path=path)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint at {path}.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; point to the .safetensors file inside it.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); an interrupted copy? Restore or retrain it.")

@@ -1,0 +1,438 @@
+"""Two-stage fine-tuning of the organ classifier.
+
+Stage 1 (``head_epochs``): backbone frozen -- its weights AND its BatchNorm running statistics -- and
+only the head learns (Adam, ``head_lr``). Stage 2 (``finetune_epochs``): everything learns at the small
+``finetune_lr``. The best epoch on validation (accuracy, ties broken by lower loss) is ``best.safetensors``;
+every epoch also writes ``last.safetensors`` with the optimizer state, from which ``resume`` continues.
+After training, the best weights get a temperature (fitted on val), out-of-scope statistics (fitted on
+train features) and test metrics, and a report is written next to them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, new_metadata, read_metadata, save_checkpoint
+from .data import DatasetError, DatasetSplits, TensorSplit, augment_batch, load_split, scan_dataset
+from .model import DEFAULT_WEIGHTS, OrganClassifier, build_model
+from .preprocessing import DEFAULT_INPUT_SIZE, PreprocessConfig
+
+BEST_NAME = "best.safetensors"
+LAST_NAME = "last.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; saved inside each checkpoint as ``train_args``."""
+
+    data: str = "dataset"
+    out: str = "models"
+    weights: str = DEFAULT_WEIGHTS
+    weights_cache: str | None = None
+    input_size: int = DEFAULT_INPUT_SIZE
+    head_epochs: int = 5
+    finetune_epochs: int = 10
+    head_lr: float = 1e-3
+    finetune_lr: float = 1e-5
+    batch_size: int = 16
+    dropout: float = 0.0
+    class_weights: bool = False
+    augment: bool = True
+    val_fraction: float = 0.15
+    skip_bad: bool = False
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    amp: bool = True
+    resume: bool = False
+    progress: bool = True
+    gallery: bool = True
+
+    @property
+    def total_epochs(self) -> int:
+        return self.head_epochs + self.finetune_epochs
+
+    def stage_of(self, epoch: int) -> int:
+        """Stage (1 or 2) of a 1-based epoch number."""
+        return 1 if epoch <= self.head_epochs else 2
+
+
+@dataclass
+class FitResult:
+    best_path: Path
+    last_path: Path
+    report_path: Path | None
+    history: list[dict]
+    test_metrics: dict | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def configure_stage(model: OrganClassifier, stage: int) -> None:
+    """Stage 1 freezes the backbone's parameters; stage 2 unfreezes them."""
+    model.features.requires_grad_(stage == 2)
+    model.head.requires_grad_(True)
+
+
+def set_train_mode(model: OrganClassifier, stage: int) -> None:
+    """Training mode, except a frozen backbone stays in eval mode so its BatchNorm statistics don't drift."""
+    model.train()
+    if stage == 1:
+        model.features.eval()
+
+
+def make_optimizer(model: OrganClassifier, stage: int, config: TrainConfig) -> torch.optim.Optimizer:
+    params = model.head.parameters() if stage == 1 else model.parameters()
+    lr = config.head_lr if stage == 1 else config.finetune_lr
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.inference_mode()
+def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int, device: torch.device,
+                  amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, C)`` and pooled features ``(N, 1024)`` for every image, in eval mode, on the CPU."""
+    was_training = model.training
+    model.eval()
+    logits, pooled = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            with _autocast(device, amp):
+                features = model.head.pool_features(model.features(batch))
+                out = model.head.fc(features)
+            logits.append(out.float().cpu())
+            pooled.append(features.float().cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        return torch.empty(0, model.num_classes), torch.empty(0, model.head.fc.in_features)
+    return torch.cat(logits), torch.cat(pooled)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(features: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+                        max_images: int = 2048) -> None:
+    """Re-estimate BatchNorm running statistics of a randomly initialised backbone on training images.
+
+    A fresh backbone's statistics (mean 0, variance 1) are meaningless for [-1024, 1024] inputs, and
+    stage 1 keeps them frozen, so without this the frozen features would be scaled by ~1000 and the
+    head would start from huge logits. Pretrained backbones keep the statistics they were trained with.
+    """
+    norms = [m for m in features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved_momentum = [m.momentum for m in norms]
+    was_training = features.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                       # cumulative average over all batches seen
+    features.train()
+    try:
+        for start in range(0, min(len(images), max_images), batch_size):
+            features(images[start:start + batch_size].to(device))
+    finally:
+        for m, momentum in zip(norms, saved_momentum):
+            m.momentum = momentum
+        features.train(was_training)
+
+
+def class_weight_tensor(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1 (absent classes get weight 0)."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights * (n_classes / weights.sum())
+
+
+def train_one_epoch(model: OrganClassifier, split: TensorSplit, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, config: TrainConfig, device: torch.device, epoch: int,
+                    cached_pooled: torch.Tensor | None = None) -> dict:
+    """One pass over the training split. Returns mean loss and accuracy.
+
+    Shuffling and augmentation draw from a generator seeded by (seed, epoch), so a resumed run sees
+    the same batches an uninterrupted one would have.
+    """
+    stage = config.stage_of(epoch)
+    set_train_mode(model, stage)
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    order = torch.randperm(len(split), generator=generator)
+    total_loss, correct, seen = 0.0, 0, 0
+    batches = range(0, len(order), config.batch_size)
+    bar = _progress(batches, f"epoch {epoch}/{config.total_epochs} (stage {stage})", config.progress)
+    for start in bar:
+        index = order[start:start + config.batch_size]
+        labels = split.labels[index].to(device, non_blocking=True)
+        with _autocast(device, config.amp):
+            if cached_pooled is not None:            # stage 1, no augmentation: features never change
+                logits = model.head.fc(model.head.dropout(cached_pooled[index].to(device)))
+            else:
+                images = split.images[index].to(device, non_blocking=True)
+                if config.augment:
+                    images = augment_batch(images, generator)
+                if stage == 1:                        # frozen backbone: no activations kept for backward
+                    with torch.no_grad():
+                        feature_map = model.features(images)
+                    logits = model.head(feature_map)
+                else:
+                    logits = model(images)
+            loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(index)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
+
+
+def validate(model: OrganClassifier, split: TensorSplit, criterion: nn.Module, config: TrainConfig,
+             device: torch.device) -> dict:
+    logits, _ = predict_split(model, split.images, config.batch_size * 4, device, config.amp)
+    labels = split.labels
+    return {"val_loss": float(criterion(logits, labels.to(logits.device))) if len(labels) else float("nan"),
+            "val_acc": float((logits.argmax(1) == labels).float().mean()) if len(labels) else 0.0}
+
+
+def is_better(candidate: dict, best: dict | None) -> bool:
+    """Higher validation accuracy wins; equal accuracy, lower validation loss wins."""
+    if best is None:
+        return True
+    if candidate["val_acc"] != best["val_acc"]:
+        return candidate["val_acc"] > best["val_acc"]
+    return candidate["val_loss"] < best["val_loss"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable state
+# --------------------------------------------------------------------------------------------------
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as flat named tensors (safetensors) plus JSON-able param groups."""
+    state = optimizer.state_dict()
+    tensors = {f"optim.{pid}.{key}": value for pid, entry in state["state"].items()
+               for key, value in entry.items() if isinstance(value, torch.Tensor)}
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------
+
+def describe_dataset(splits: DatasetSplits, config: TrainConfig) -> list[str]:
+    """Human-readable lines about the data, for the log and the report."""
+    lines = [f"classes: {', '.join(splits.classes)}"]
+    for name in ("train", "val", "test"):
+        counts = splits.class_counts(name)
+        lines.append(f"{name}: {sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    if splits.val_from_train:
+        lines.append(f"no val/ folder: held out {config.val_fraction:.0%} of train/ per class "
+                     f"(stratified, seed {config.seed}) for validation")
+    if splits.duplicates:
+        shown = "; ".join(f"{a} == {b}" for a, b in splits.duplicates[:5])
+        lines.append(f"WARNING: {len(splits.duplicates)} identical file(s) appear in two splits (leakage: "
+                     f"test/val scores will be optimistic): {shown}"
+                     + (" ..." if len(splits.duplicates) > 5 else ""))
+    if splits.skipped:
+        lines.append(f"skipped {len(splits.skipped)} bad file(s): " + "; ".join(splits.skipped[:10]))
+    return lines
+
+
+def load_tensors(splits: DatasetSplits, config: TrainConfig, log: Callable[[str], None]) -> dict[str, TensorSplit]:
+    """Decode every split once; unreadable files are errors unless --skip-bad."""
+    tensors, bad_all = {}, []
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    started = time.perf_counter()
+    for name in ("train", "val", "test"):
+        split, bad = load_split(splits.split(name), config.input_size, workers=config.workers, skip_bad=True)
+        tensors[name] = split
+        bad_all += bad
+    if bad_all and not config.skip_bad:
+        raise DatasetError(f"{len(bad_all)} file(s) could not be read:\n  - " + "\n  - ".join(bad_all)
+                           + "\n(--skip-bad leaves them out and lists them)")
+    splits.skipped += bad_all
+    log(f"decoded {total - len(bad_all)} images in {time.perf_counter() - started:.1f}s"
+        + (f", skipped {len(bad_all)} unreadable" if bad_all else ""))
+    for name, split in tensors.items():
+        if name != "test" and len(split) == 0:
+            raise DatasetError(f"the {name} split has no readable images")
+    return tensors
+
+
+def fit(config: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
+    """Run both stages, keep best/last checkpoints, then calibrate, evaluate and write the report."""
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = out / BEST_NAME, out / LAST_NAME
+    device = select_device(config.device)
+
+    splits = scan_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed,
+                          skip_bad=config.skip_bad)
+    for line in describe_dataset(splits, config):
+        log(line)
+    data = load_tensors(splits, config, log)
+
+    model, weight_source = build_model(len(splits.classes), config.weights, config.dropout, config.weights_cache)
+    model.to(device)
+    log(f"model: DenseNet121 ({weight_source}), {config.input_size}x{config.input_size} input, device {device}")
+    meta = new_metadata(splits.classes, PreprocessConfig(config.input_size), weight_source, config.dropout,
+                        train_args=dataclasses.asdict(config), dataset_fingerprint=splits.fingerprint)
+
+    history: list[dict] = []
+    best: dict | None = None
+    first_epoch = 1
+    optimizer = None
+    if config.weights.lower() == "none" and not config.resume:
+        calibrate_batchnorm(model.features, data["train"].images, config.batch_size * 4, device)
+    if config.resume:
+        first_epoch, history, best, optimizer = _resume(model, last_path, splits, config, device, log)
+
+    weights = class_weight_tensor(data["train"].labels, len(splits.classes)).to(device) if config.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    cached_pooled = None
+    for epoch in range(first_epoch, config.total_epochs + 1):
+        stage = config.stage_of(epoch)
+        if optimizer is None or epoch == config.head_epochs + 1:
+            configure_stage(model, stage)
+            optimizer = make_optimizer(model, stage, config)
+        if stage == 1 and not config.augment and cached_pooled is None:
+            cached_pooled = predict_split(model, data["train"].images, config.batch_size * 4, device, config.amp)[1]
+        epoch_start = time.perf_counter()
+        record = {"epoch": epoch, "stage": stage}
+        record.update(train_one_epoch(model, data["train"], optimizer, criterion, config, device, epoch,
+                                      cached_pooled if stage == 1 else None))
+        record.update(validate(model, data["val"], criterion, config, device))
+        record["seconds"] = round(time.perf_counter() - epoch_start, 2)
+        history.append(record)
+        improved = is_better(record, best)
+        if improved:
+            best = {k: record[k] for k in ("epoch", "val_acc", "val_loss")}
+            save_checkpoint(best_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best})
+        optim_tensors, groups = optimizer_tensors(optimizer)
+        save_checkpoint(last_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best,
+                                           "training_state": {"history": history, "optimizer_groups": groups}},
+                        optim_tensors)
+        log(f"epoch {epoch:>3}/{config.total_epochs} stage {stage}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.3f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f}  "
+            f"{record['seconds']:.1f}s" + ("  * best" if improved else ""))
+
+    if not best_path.exists():
+        raise CheckpointError(f"training produced no {best_path} (0 epochs requested?)")
+    report_path, test_metrics, notes = finalize(best_path, data, splits, config, device, history, log)
+    return FitResult(best_path, last_path, report_path, history, test_metrics,
+                     time.perf_counter() - started, notes)
+
+
+def _resume(model, last_path: Path, splits: DatasetSplits, config: TrainConfig, device, log):
+    if not last_path.exists():
+        raise CheckpointError(f"--resume: no {last_path} to resume from (train without --resume first)")
+    meta = read_metadata(last_path)
+    if meta.get("classes") != splits.classes:
+        raise CheckpointError(f"--resume: {last_path} was trained on classes {meta.get('classes')}, "
+                              f"the dataset now has {splits.classes}")
+    if (meta.get("dataset_fingerprint") or {}).get("sha256") != splits.fingerprint["sha256"]:
+        raise CheckpointError(f"--resume: the files under {config.data} changed since {last_path} was written; "
+                              f"start a new run (without --resume) or restore the dataset")
+    loaded = load_checkpoint(last_path, device)
+    model.load_state_dict(loaded.model.state_dict())
+    epoch = int(meta["epoch"])
+    stage = config.stage_of(epoch + 1) if epoch < config.total_epochs else 2
+    configure_stage(model, stage)
+    optimizer = make_optimizer(model, stage, config)
+    if config.stage_of(epoch) == stage:    # same stage: Adam's moments carry on
+        restore_optimizer(optimizer, {k: v.to(device) for k, v in loaded.extra.items()},
+                          meta["training_state"]["optimizer_groups"])
+    log(f"resuming after epoch {epoch} from {last_path}")
+    return epoch + 1, list(meta["training_state"]["history"]), meta.get("best"), optimizer
+
+
+def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplits, config: TrainConfig,
+             device: torch.device, history: list[dict], log: Callable[[str], None]):
+    """Calibrate, fit the out-of-scope detector, evaluate on test, rewrite best with it all, write the report."""
+    from .evaluation import (classification_metrics, fit_temperature, save_history, save_split_gallery,
+                             write_report)
+    from .ood import fit_ood
+
+    best = load_checkpoint(best_path, device)
+    model, meta = best.model, best.meta
+    batch = config.batch_size * 4
+    val_logits, val_pooled = predict_split(model, data["val"].images, batch, device, config.amp)
+    temperature = fit_temperature(val_logits, data["val"].labels)
+    _, train_pooled = predict_split(model, data["train"].images, batch, device, config.amp)
+    detector = fit_ood(train_pooled, data["train"].labels, val_pooled)
+    val_metrics = classification_metrics(val_logits, data["val"].labels, splits.classes, temperature)
+    test_metrics = None
+    if len(data["test"]):
+        test_logits, _ = predict_split(model, data["test"].images, batch, device, config.amp)
+        test_metrics = classification_metrics(test_logits, data["test"].labels, splits.classes, temperature)
+    meta.update(temperature=temperature, ood=detector.to_meta(),
+                metrics={"val": _headline(val_metrics), "test": _headline(test_metrics)})
+    save_checkpoint(best_path, model, meta, detector.to_tensors())
+    log(f"temperature {temperature:.3f} (fitted on val); out-of-scope threshold {detector.threshold:.2f}")
+
+    out = best_path.parent
+    _, curves = save_history(history, out)
+    notes = describe_dataset(splits, config)
+    report = None
+    if test_metrics is not None:
+        gallery = None
+        if config.gallery:
+            gallery = save_split_gallery(model, data["test"], splits.classes, out / "gradcam_gallery.png")
+        report = write_report(out, classes=splits.classes, metrics=test_metrics, meta=meta, checkpoint=best_path,
+                              history_png=curves, gallery_png=gallery, val_metrics=val_metrics,
+                              dataset_notes=notes)
+        log(f"test: accuracy {test_metrics['accuracy']:.3f}, macro F1 {test_metrics['macro_f1']:.3f}, "
+            f"macro ROC-AUC {test_metrics['macro_roc_auc'] if test_metrics['macro_roc_auc'] is None else round(test_metrics['macro_roc_auc'], 3)}, "
+            f"ECE {test_metrics['ece']:.3f} -> {test_metrics['ece_calibrated']:.3f}")
+        log(f"report: {report}")
+    return report, test_metrics, notes
+
+
+def _headline(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    keys = ("n", "accuracy", "macro_f1", "macro_roc_auc", "ece", "ece_calibrated")
+    return {k: metrics[k] for k in keys}

@@ -1,0 +1,144 @@
+"""Checkpoints: round trip, atomic saves, and clear errors for files that do not fit."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from mediscan import checkpoint as ckpt
+from mediscan.checkpoint import CheckpointError, load_checkpoint, new_metadata, read_metadata, save_checkpoint
+from mediscan.model import build_model
+from mediscan.preprocessing import PreprocessConfig
+
+CLASSES = ["bone", "brain", "heart", "lungs"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net, _ = build_model(len(CLASSES), weights="none")
+    return net.eval()
+
+
+def _meta(**extra):
+    return new_metadata(CLASSES, PreprocessConfig(32), "none (random initialisation)", **extra)
+
+
+def test_round_trip_gives_identical_predictions_and_metadata(tmp_path, model):
+    path = save_checkpoint(tmp_path / "m.safetensors", model, _meta(temperature=1.7),
+                           extra={"ood.mean": torch.ones(4, 3)})
+    loaded = load_checkpoint(path)
+    x = torch.randn(2, 1, 32, 32) * 500
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+    assert loaded.classes == CLASSES and loaded.temperature == 1.7
+    assert loaded.preprocessing.input_size == 32
+    assert torch.equal(loaded.extra["ood.mean"], torch.ones(4, 3))
+    assert not loaded.model.training
+    assert read_metadata(path)["versions"]["torch"] == torch.__version__
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, model, monkeypatch):
+    path = save_checkpoint(tmp_path / "best.safetensors", model, _meta(epoch=1))
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(ckpt.os, "fsync", crash)        # dies after part of the file is written
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, model, _meta(epoch=2))
+    assert path.read_bytes() == before
+    assert read_metadata(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]     # no temp file left behind
+
+
+def test_killed_process_mid_save_leaves_previous_checkpoint_valid(tmp_path, model):
+    """A real SIGKILL while the new file is being written: the old one still loads."""
+    import subprocess
+    import sys
+    path = save_checkpoint(tmp_path / "best.safetensors", model, _meta(epoch=1))
+    script = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(ckpt.__file__.rsplit('/mediscan/', 1)[0])!r})
+from mediscan import checkpoint as ckpt
+from mediscan.model import build_model
+from mediscan.preprocessing import PreprocessConfig
+real_fsync = ckpt.os.fsync
+def die(fd):
+    os.kill(os.getpid(), signal.SIGKILL)      # the file is half on disk now
+ckpt.os.fsync = die
+net, _ = build_model(4, weights="none")
+ckpt.save_checkpoint({str(path)!r}, net, ckpt.new_metadata({CLASSES!r}, PreprocessConfig(32), "x", epoch=2))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9
+    loaded = load_checkpoint(path)
+    assert loaded.meta["epoch"] == 1
+
+
+def test_missing_empty_and_corrupt_files(tmp_path, model):
+    with pytest.raises(CheckpointError, match="No checkpoint at"):
+        load_checkpoint(tmp_path / "absent.safetensors")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(empty)
+    good = save_checkpoint(tmp_path / "good.safetensors", model, _meta())
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt|readable"):
+        load_checkpoint(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(garbage)
+
+
+def test_pickle_checkpoints_are_not_loaded(tmp_path, model):
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def _rewrite_meta(path, out, mutate):
+    """Copy a checkpoint with its JSON metadata changed (safetensors header edited in place)."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = json.loads(header["__metadata__"]["meta"])
+    mutate(meta, header)
+    header["__metadata__"]["meta"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return out
+
+
+def test_class_count_mismatch_and_other_architecture(tmp_path, model):
+    good = save_checkpoint(tmp_path / "good.safetensors", model, _meta())
+    three = _rewrite_meta(good, tmp_path / "three.safetensors",
+                          lambda m, h: m.__setitem__("classes", ["a", "b", "c"]))
+    with pytest.raises(CheckpointError, match="3 classes .* 4 outputs"):
+        load_checkpoint(three)
+    resnet = _rewrite_meta(good, tmp_path / "resnet.safetensors",
+                           lambda m, h: m.__setitem__("architecture", "resnet50"))
+    with pytest.raises(CheckpointError, match="resnet50"):
+        load_checkpoint(resnet)
+
+
+def test_missing_weights_are_reported(tmp_path, model):
+    good = save_checkpoint(tmp_path / "good.safetensors", model, _meta())
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(good))
+    del tensors["model.features.norm5.weight"]
+    header = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "meta": json.dumps(_meta())}
+    save_file(tensors, str(tmp_path / "partial.safetensors"), metadata=header)
+    with pytest.raises(CheckpointError, match="1 missing"):
+        load_checkpoint(tmp_path / "partial.safetensors")
+
+
+def test_save_refuses_metadata_that_does_not_match_the_head(tmp_path, model):
+    with pytest.raises(CheckpointError, match="metadata lists 2 classes"):
+        save_checkpoint(tmp_path / "x.safetensors", model, new_metadata(["a", "b"], PreprocessConfig(32), "x"))

@@ -1,0 +1,148 @@
+"""End-to-end training on a tiny learnable synthetic set: checkpoints, report, resume, evaluation, CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenet121_xray_classifier as cli
+from conftest import ROOT, make_dataset
+from mediscan.checkpoint import load_checkpoint, read_metadata
+from mediscan.data import load_split, scan_dataset
+from mediscan.training import TrainConfig, fit, is_better
+
+FAST = dict(weights="none", input_size=32, head_epochs=3, finetune_epochs=1, batch_size=8,
+            progress=False, workers=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = make_dataset(root / "dataset", per_class=8, seed=1)
+    config = TrainConfig(data=str(data), out=str(root / "models"), **FAST)
+    lines: list[str] = []
+    result = fit(config, log=lines.append)
+    return config, result, lines
+
+
+def test_run_writes_checkpoints_history_and_report(trained):
+    config, result, lines = trained
+    out = Path(config.out)
+    for name in ("best.safetensors", "last.safetensors", "history.csv", "training_curves.png", "report.md",
+                 "confusion_matrix.png", "confusion_matrix.json", "metrics.json", "gradcam_gallery.png"):
+        assert (out / name).is_file(), name
+    assert len(result.history) == 4 and [h["stage"] for h in result.history] == [1, 1, 1, 2]
+    report = (out / "report.md").read_text()
+    assert "Not a medical device" in report and "| heart |" in report and "gradcam_gallery.png" in report
+    assert any(line.startswith("epoch   4/4 stage 2") for line in lines)
+
+
+def test_synthetic_classes_are_learned_well_above_chance(trained):
+    _, result, _ = trained
+    assert result.test_metrics["accuracy"] >= 0.6          # chance is 0.25
+    assert result.test_metrics["macro_roc_auc"] >= 0.8
+
+
+def test_best_checkpoint_carries_metadata_and_reproduces_its_metrics(trained):
+    config, result, _ = trained
+    loaded = load_checkpoint(result.best_path)
+    meta = loaded.meta
+    assert meta["classes"] == ["bone", "brain", "heart", "lungs"]
+    assert meta["train_args"]["head_epochs"] == 3 and meta["train_args"]["batch_size"] == 8
+    assert meta["dataset_fingerprint"]["files"] == 96
+    assert meta["temperature"] > 0 and meta["ood"]["threshold"] > 0
+    assert any(k.startswith("ood.") for k in loaded.extra)
+    assert "torch" in meta["versions"] and meta["weight_source"].startswith("none")
+    # The same predictions come back from the file: recompute test accuracy with the loaded model.
+    splits = scan_dataset(config.data)
+    test, _ = load_split(splits.test, meta["preprocessing"]["input_size"])
+    with torch.no_grad():
+        accuracy = (loaded.model(test.images).argmax(1) == test.labels).float().mean().item()
+    assert accuracy == pytest.approx(meta["metrics"]["test"]["accuracy"])
+
+
+def test_best_is_the_best_validation_epoch(trained):
+    _, result, _ = trained
+    best_epoch = read_metadata(result.best_path)["best"]["epoch"]
+    best = max(result.history, key=lambda h: (h["val_acc"], -h["val_loss"]))
+    assert best_epoch == best["epoch"]
+    assert is_better({"val_acc": 0.9, "val_loss": 0.5}, {"val_acc": 0.9, "val_loss": 0.6})
+    assert not is_better({"val_acc": 0.8, "val_loss": 0.1}, {"val_acc": 0.9, "val_loss": 0.6})
+
+
+def test_frozen_stage_keeps_backbone_and_its_batchnorm_statistics(tmp_path):
+    data = make_dataset(tmp_path / "dataset", per_class=4)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "m"), **{**FAST, "head_epochs": 1, "finetune_epochs": 0})
+    config.gallery = False
+    from mediscan import training
+    captured = {}
+    original = training.train_one_epoch
+
+    def spy(model, *args, **kwargs):
+        captured["before"] = {k: v.clone() for k, v in model.features.state_dict().items()}
+        out = original(model, *args, **kwargs)
+        captured["after"] = {k: v.clone() for k, v in model.features.state_dict().items()}
+        return out
+    training.train_one_epoch = spy
+    try:
+        fit(config, log=lambda _: None)
+    finally:
+        training.train_one_epoch = original
+    for key, before in captured["before"].items():
+        assert torch.equal(before, captured["after"][key]), key      # weights AND running stats
+
+
+def test_resume_continues_where_the_run_stopped(trained, tmp_path):
+    config, result, _ = trained
+    import shutil
+    out = tmp_path / "resumed"
+    shutil.copytree(config.out, out)
+    longer = TrainConfig(**{**config.__dict__, "out": str(out), "finetune_epochs": 2, "resume": True})
+    lines: list[str] = []
+    resumed = fit(longer, log=lines.append)
+    assert "resuming after epoch 4" in "\n".join(lines)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert resumed.history[:4] == result.history
+
+
+def test_resume_refuses_a_changed_dataset(trained, tmp_path):
+    config, _, _ = trained
+    import shutil
+    data = tmp_path / "dataset"
+    shutil.copytree(config.data, data)
+    (data / "train" / "bone" / "bone_train_0.png").unlink()
+    out = tmp_path / "m"
+    shutil.copytree(config.out, out)
+    code = cli.main(["--data", str(data), "--out", str(out), "--weights", "none", "--input-size", "32",
+                     "--resume", "--no-progress"])
+    assert code == cli.EXIT_NO_MODEL
+
+
+def test_cli_reports_dataset_problems_without_traceback(tmp_path, capsys):
+    code = cli.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m"), "--weights", "none"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_resume_without_a_previous_run(tmp_path, capsys):
+    data = make_dataset(tmp_path / "dataset", per_class=2)
+    code = cli.main(["--data", str(data), "--out", str(tmp_path / "m"), "--weights", "none", "--resume"])
+    assert code == cli.EXIT_NO_MODEL
+    assert "no " in capsys.readouterr().err
+
+
+def test_evaluate_alone_in_a_fresh_process(trained, tmp_path):
+    config, result, _ = trained
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(ROOT / "densenet121_xray_classifier.py"), "--evaluate",
+                           str(result.best_path), "--data", config.data, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+    assert "Not a medical device" in (out / "report.md").read_text()
