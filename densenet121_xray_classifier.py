@@ -51,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--workers", type=int, default=d.workers, help="threads that decode images")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 mixed precision on CUDA")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="train stage 2 eagerly on CUDA instead of replaying a captured graph")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.safetensors")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (log lines only)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery in the report")

@@ -229,13 +229,16 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None
                   max_brightness: float = 0.1, max_contrast: float = 0.15) -> torch.Tensor:
     """Small random rotation/scale/shift and brightness/contrast, per image, on whatever device the batch is.
 
+    ``generator`` (optional) must live on the batch's device; without one the device's default RNG is used.
+
     Works in [0, 1] space so that the border revealed by a rotation or shift is black, as X-ray
     backgrounds are, and returns model-range tensors again.
     """
     n, device = images.shape[0], images.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator).mul(high - low).add(low).to(device)
+        # Drawn on the batch's device (generator too, if given) so the whole step can be graph-captured.
+        return torch.rand(n, generator=generator, device=device).mul(high - low).add(low)
 
     pixels01 = images / 2048.0 + 0.5
     angle = uniform(-max_rotation_deg, max_rotation_deg) * (math.pi / 180.0)

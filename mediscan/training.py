@@ -21,6 +21,8 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, new_metadata, read_metadata, save_checkpoint
 from .data import DatasetError, DatasetSplits, TensorSplit, augment_batch, load_split, scan_dataset
+from .distributed import (DistEnv, all_reduce_sum, barrier, epoch_indices, init_distributed, local_batch_size,
+                          shutdown)
 from .model import DEFAULT_WEIGHTS, OrganClassifier, build_model
 from .preprocessing import DEFAULT_INPUT_SIZE, PreprocessConfig
 
@@ -51,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     amp: bool = True
+    cuda_graphs: bool = True
     resume: bool = False
     progress: bool = True
     gallery: bool = True
@@ -102,10 +105,15 @@ def set_train_mode(model: OrganClassifier, stage: int) -> None:
         model.features.eval()
 
 
-def make_optimizer(model: OrganClassifier, stage: int, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.head.parameters() if stage == 1 else model.parameters()
+def make_optimizer(model: OrganClassifier, stage: int, config: TrainConfig,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam over the head's Linear layer (stage 1) or every parameter (stage 2).
+
+    ``capturable`` keeps Adam's step counters on the GPU so the update can live inside a CUDA graph.
+    """
+    params = model.head.fc.parameters() if stage == 1 else model.parameters()
     lr = config.head_lr if stage == 1 else config.finetune_lr
-    return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, capturable=capturable)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -123,7 +131,7 @@ def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int,
     logits, pooled = [], []
     try:
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            batch = _to_memory_format(images[start:start + batch_size].to(device, non_blocking=True), device)
             with _autocast(device, amp):
                 features = model.head.pool_features(model.features(batch))
                 out = model.head.fc(features)
@@ -168,47 +176,101 @@ def class_weight_tensor(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return weights * (n_classes / weights.sum())
 
 
-def train_one_epoch(model: OrganClassifier, split: TensorSplit, optimizer: torch.optim.Optimizer,
-                    criterion: nn.Module, config: TrainConfig, device: torch.device, epoch: int,
-                    cached_pooled: torch.Tensor | None = None) -> dict:
-    """One pass over the training split. Returns mean loss and accuracy.
+def _epoch_generator(config: TrainConfig, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """Augmentation randomness seeded by (seed, epoch, rank): a resumed run repeats what it would have drawn."""
+    return torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch * 101 + rank)
 
-    Shuffling and augmentation draw from a generator seeded by (seed, epoch), so a resumed run sees
-    the same batches an uninterrupted one would have.
+
+@torch.no_grad()
+def pooled_training_features(model: OrganClassifier, images: torch.Tensor, config: TrainConfig,
+                             device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Frozen-backbone features of (augmented) training images, computed in large no-grad batches.
+
+    Stage 1 only trains the head's Linear layer, which sees nothing but these pooled features, so the
+    backbone runs once per image per epoch without keeping activations -- and once for the whole
+    stage when augmentation is off.
     """
-    stage = config.stage_of(epoch)
-    set_train_mode(model, stage)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    order = torch.randperm(len(split), generator=generator)
-    total_loss, correct, seen = 0.0, 0, 0
-    batches = range(0, len(order), config.batch_size)
-    bar = _progress(batches, f"epoch {epoch}/{config.total_epochs} (stage {stage})", config.progress)
-    for start in bar:
-        index = order[start:start + config.batch_size]
-        labels = split.labels[index].to(device, non_blocking=True)
+    model.features.eval()                     # frozen means frozen: BatchNorm uses, never updates, its statistics
+    chunks = []
+    for start in range(0, len(images), config.batch_size * 8):
+        batch = images[start:start + config.batch_size * 8].to(device, non_blocking=True)
+        if config.augment and generator is not None:
+            batch = augment_batch(batch, generator)
         with _autocast(device, config.amp):
-            if cached_pooled is not None:            # stage 1, no augmentation: features never change
-                logits = model.head.fc(model.head.dropout(cached_pooled[index].to(device)))
-            else:
-                images = split.images[index].to(device, non_blocking=True)
-                if config.augment:
-                    images = augment_batch(images, generator)
-                if stage == 1:                        # frozen backbone: no activations kept for backward
-                    with torch.no_grad():
-                        feature_map = model.features(images)
-                    logits = model.head(feature_map)
-                else:
-                    logits = model(images)
-            loss = criterion(logits.float(), labels)
+            chunks.append(model.head.pool_features(model.features(_to_memory_format(batch, device))).float())
+    return torch.cat(chunks) if chunks else torch.empty(0, model.head.fc.in_features, device=device)
+
+
+def train_head_epoch(model: OrganClassifier, head: nn.Module, pooled: torch.Tensor, labels: torch.Tensor,
+                     optimizer: torch.optim.Optimizer, criterion: nn.Module, config: TrainConfig,
+                     local_batch: int, epoch: int) -> torch.Tensor:
+    """Stage 1: steps of ``local_batch`` on this rank's pooled features. Returns [loss sum, correct, seen]."""
+    set_train_mode(model, 1)
+    totals = torch.zeros(3, device=pooled.device)
+    bar = _progress(range(0, len(labels), local_batch), f"epoch {epoch}/{config.total_epochs} (stage 1)",
+                    config.progress)
+    for step, start in enumerate(bar):
+        x, y = pooled[start:start + local_batch], labels[start:start + local_batch]
+        logits = head(model.head.dropout(x))
+        loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(index)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(index)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+        _accumulate(totals, loss, logits, y)
+        _show_running(bar, totals, step)
+    return totals
+
+
+def train_full_epoch(model: OrganClassifier, network: nn.Module, split: TensorSplit, indices: torch.Tensor,
+                     optimizer: torch.optim.Optimizer, criterion: nn.Module, config: TrainConfig,
+                     local_batch: int, epoch: int, device: torch.device, generator: torch.Generator,
+                     graphed=None) -> torch.Tensor:
+    """Stage 2: every layer learns. ``network`` is the model or its DDP wrapper; ``graphed`` an optional
+    :class:`~mediscan.graphed_step.GraphedTrainStep` for full batches. Returns [loss sum, correct, seen]."""
+    set_train_mode(model, 2)
+    totals = torch.zeros(3, device=device)
+    bar = _progress(range(0, len(indices), local_batch), f"epoch {epoch}/{config.total_epochs} (stage 2)",
+                    config.progress)
+    for step, start in enumerate(bar):
+        index = indices[start:start + local_batch].to(split.images.device)
+        images = split.images[index].to(device, non_blocking=True)
+        labels = split.labels[index].to(device, non_blocking=True)
+        if graphed is not None:
+            if len(index) != local_batch:
+                continue                      # the graph has a fixed shape: drop the last partial batch
+            loss, logits = graphed(images, labels)
+        else:
+            if config.augment:
+                images = augment_batch(images, generator)
+            with _autocast(device, config.amp):
+                logits = network(_to_memory_format(images, device))
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _accumulate(totals, loss, logits, labels)
+        _show_running(bar, totals, step)
+    return totals
+
+
+def _accumulate(totals: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    # Kept on the device: a .item() per step would force a GPU sync and stall the launch queue.
+    with torch.no_grad():
+        totals[0] += loss.detach().float() * len(labels)
+        totals[1] += (logits.argmax(1) == labels).sum()
+        totals[2] += len(labels)
+
+
+def _show_running(bar, totals: torch.Tensor, step: int, every: int = 10) -> None:
+    """Running loss/accuracy on the progress bar (every few steps: reading them syncs the GPU)."""
+    if hasattr(bar, "set_postfix") and step % every == 0:
+        loss_sum, correct, seen = totals.tolist()
+        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{correct / max(seen, 1):.3f}")
+
+
+def _to_memory_format(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # channels-last lets cuDNN pick its fastest convolution kernels for bf16 on recent GPUs.
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -220,10 +282,14 @@ def _progress(iterable, desc: str, enabled: bool):
 
 def validate(model: OrganClassifier, split: TensorSplit, criterion: nn.Module, config: TrainConfig,
              device: torch.device) -> dict:
+    """Validation loss (same class weighting as training) and accuracy."""
     logits, _ = predict_split(model, split.images, config.batch_size * 4, device, config.amp)
-    labels = split.labels
-    return {"val_loss": float(criterion(logits, labels.to(logits.device))) if len(labels) else float("nan"),
-            "val_acc": float((logits.argmax(1) == labels).float().mean()) if len(labels) else 0.0}
+    labels = split.labels.cpu()
+    if not len(labels):
+        return {"val_loss": float("nan"), "val_acc": 0.0}
+    weight = None if getattr(criterion, "weight", None) is None else criterion.weight.cpu()
+    return {"val_loss": float(F.cross_entropy(logits, labels, weight=weight)),
+            "val_acc": float((logits.argmax(1) == labels).float().mean())}
 
 
 def is_better(candidate: dict, best: dict | None) -> bool:
@@ -301,72 +367,158 @@ def load_tensors(splits: DatasetSplits, config: TrainConfig, log: Callable[[str]
 
 
 def fit(config: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
-    """Run both stages, keep best/last checkpoints, then calibrate, evaluate and write the report."""
+    """Run both stages, keep best/last checkpoints, then calibrate, evaluate and write the report.
+
+    Under ``torchrun`` every process trains its shard; only rank 0 logs and writes files.
+    """
+    env = init_distributed(prefer_cuda=config.device == "auto" or config.device.startswith("cuda"))
+    try:
+        return _fit(config, env, log if env.is_main else (lambda _line: None))
+    finally:
+        shutdown(env)
+
+
+def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out / BEST_NAME, out / LAST_NAME
-    device = select_device(config.device)
+    device = torch.device("cuda", env.local_rank) if env.enabled and torch.cuda.is_available() and \
+        config.device in ("auto", "cuda") else select_device(config.device)
+    local_batch = local_batch_size(config.batch_size, env)
+    if not env.is_main:
+        config = dataclasses.replace(config, progress=False)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     splits = scan_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed,
                           skip_bad=config.skip_bad)
     for line in describe_dataset(splits, config):
         log(line)
     data = load_tensors(splits, config, log)
+    if device.type == "cuda":                 # the whole decoded set lives on the GPU: no loader per step
+        for split in data.values():
+            split.images = split.images.pin_memory().to(device, non_blocking=True)
+            split.labels = split.labels.to(device)
 
     model, weight_source = build_model(len(splits.classes), config.weights, config.dropout, config.weights_cache)
     model.to(device)
-    log(f"model: DenseNet121 ({weight_source}), {config.input_size}x{config.input_size} input, device {device}")
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    log(f"model: DenseNet121 ({weight_source}), {config.input_size}x{config.input_size} input, device {device}"
+        + (f", {env.world_size} processes (global batch {config.batch_size})" if env.enabled else ""))
     meta = new_metadata(splits.classes, PreprocessConfig(config.input_size), weight_source, config.dropout,
-                        train_args=dataclasses.asdict(config), dataset_fingerprint=splits.fingerprint)
+                        train_args={**dataclasses.asdict(config), "world_size": env.world_size},
+                        dataset_fingerprint=splits.fingerprint)
 
     history: list[dict] = []
     best: dict | None = None
-    first_epoch = 1
-    optimizer = None
+    first_epoch, optimizer = 1, None
     if config.weights.lower() == "none" and not config.resume:
         calibrate_batchnorm(model.features, data["train"].images, config.batch_size * 4, device)
     if config.resume:
-        first_epoch, history, best, optimizer = _resume(model, last_path, splits, config, device, log)
+        capturable = device.type == "cuda" and config.cuda_graphs and not env.enabled
+        first_epoch, history, best, optimizer = _resume(model, last_path, splits, config, device, log, capturable)
 
-    weights = class_weight_tensor(data["train"].labels, len(splits.classes)).to(device) if config.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weights)
-    cached_pooled = None
+    train = data["train"]
+    class_weights = class_weight_tensor(train.labels.cpu(), len(splits.classes)).to(device) \
+        if config.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=class_weights)
+    use_graphs = device.type == "cuda" and config.cuda_graphs and not env.enabled
+    cached_pooled, trainable, graphed = None, None, None
     for epoch in range(first_epoch, config.total_epochs + 1):
         stage = config.stage_of(epoch)
         if optimizer is None or epoch == config.head_epochs + 1:
             configure_stage(model, stage)
-            optimizer = make_optimizer(model, stage, config)
-        if stage == 1 and not config.augment and cached_pooled is None:
-            cached_pooled = predict_split(model, data["train"].images, config.batch_size * 4, device, config.amp)[1]
+            optimizer = make_optimizer(model, stage, config, capturable=use_graphs and stage == 2)
+            graphed = None
+        if trainable is None or epoch == config.head_epochs + 1:
+            trainable = _wrap_for_stage(model, stage, env, device)
         epoch_start = time.perf_counter()
-        record = {"epoch": epoch, "stage": stage}
-        record.update(train_one_epoch(model, data["train"], optimizer, criterion, config, device, epoch,
-                                      cached_pooled if stage == 1 else None))
+        generator = _epoch_generator(config, epoch, env.rank, device)
+        indices = epoch_indices(len(train), epoch, config.seed, env)
+        if stage == 1:
+            if config.augment:
+                pooled = pooled_training_features(model, train.images[indices.to(train.images.device)], config,
+                                                  device, generator)
+            else:                             # nothing changes between stage-1 epochs: compute once
+                if cached_pooled is None:
+                    cached_pooled = pooled_training_features(model, train.images, config, device, None)
+                pooled = cached_pooled[indices.to(cached_pooled.device)]
+            totals = train_head_epoch(model, trainable, pooled, train.labels[indices.to(train.labels.device)].to(device),
+                                      optimizer, criterion, config, local_batch, epoch)
+        else:
+            if use_graphs and graphed is None:
+                graphed = _try_graph(model, optimizer, criterion, train, indices, local_batch, config, device, log)
+            totals = train_full_epoch(model, trainable, train, indices, optimizer, criterion, config,
+                                      local_batch, epoch, device, generator, graphed)
+        loss_sum, correct, seen = all_reduce_sum(totals, env).tolist()
+        record = {"epoch": epoch, "stage": stage, "train_loss": loss_sum / max(seen, 1),
+                  "train_acc": correct / max(seen, 1)}
         record.update(validate(model, data["val"], criterion, config, device))
         record["seconds"] = round(time.perf_counter() - epoch_start, 2)
         history.append(record)
         improved = is_better(record, best)
         if improved:
             best = {k: record[k] for k in ("epoch", "val_acc", "val_loss")}
-            save_checkpoint(best_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best})
-        optim_tensors, groups = optimizer_tensors(optimizer)
-        save_checkpoint(last_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best,
-                                           "training_state": {"history": history, "optimizer_groups": groups}},
-                        optim_tensors)
+        if env.is_main:
+            _save_epoch(model, optimizer, meta, epoch, stage, best, history, improved, best_path, last_path)
         log(f"epoch {epoch:>3}/{config.total_epochs} stage {stage}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_acc']:.3f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f}  "
             f"{record['seconds']:.1f}s" + ("  * best" if improved else ""))
 
-    if not best_path.exists():
-        raise CheckpointError(f"training produced no {best_path} (0 epochs requested?)")
-    report_path, test_metrics, notes = finalize(best_path, data, splits, config, device, history, log)
+    barrier(env)
+    report_path, test_metrics, notes = None, None, []
+    if env.is_main:
+        if not best_path.exists():
+            raise CheckpointError(f"training produced no {best_path} (0 epochs requested?)")
+        report_path, test_metrics, notes = finalize(best_path, data, splits, config, device, history, log)
     return FitResult(best_path, last_path, report_path, history, test_metrics,
                      time.perf_counter() - started, notes)
 
 
-def _resume(model, last_path: Path, splits: DatasetSplits, config: TrainConfig, device, log):
+def _wrap_for_stage(model: OrganClassifier, stage: int, env: DistEnv, device: torch.device) -> nn.Module:
+    """What the optimizer's gradients flow through: the head's Linear in stage 1, the whole model in stage 2,
+    wrapped in DistributedDataParallel when several processes train (re-wrapped at the stage switch, since
+    DDP only synchronises parameters that required gradients when it was built)."""
+    module = model.head.fc if stage == 1 else model
+    if not env.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _try_graph(model, optimizer, criterion, train: TensorSplit, indices, local_batch, config, device, log):
+    """Capture the stage-2 step as a CUDA graph; on any failure log why and train eagerly instead."""
+    from .graphed_step import GraphedTrainStep
+    if len(indices) < local_batch:
+        return None
+    first = indices[:local_batch].to(train.images.device)
+    try:
+        set_train_mode(model, 2)
+        step = GraphedTrainStep(model, optimizer, criterion,
+                                _to_memory_format(train.images[first].to(device), device),
+                                train.labels[first].to(device), augment=config.augment, amp=config.amp)
+        log("stage 2 runs as a captured CUDA graph (whole step replayed per batch)")
+        return step
+    except Exception as exc:  # noqa: BLE001 -- graphs are an optimisation; eager training is always correct
+        log(f"CUDA graph capture unavailable ({exc.__class__.__name__}: {exc}); training eagerly")
+        optimizer.zero_grad(set_to_none=True)
+        return None
+
+
+def _save_epoch(model, optimizer, meta, epoch, stage, best, history, improved, best_path, last_path) -> None:
+    """best.safetensors when validation improved; last.safetensors (with optimizer state) every epoch."""
+    if improved:
+        save_checkpoint(best_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best})
+    optim_tensors, groups = optimizer_tensors(optimizer)
+    save_checkpoint(last_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best,
+                                       "training_state": {"history": history, "optimizer_groups": groups}},
+                    optim_tensors)
+
+
+def _resume(model, last_path: Path, splits: DatasetSplits, config: TrainConfig, device, log, capturable: bool):
+    """Load ``last`` (weights, optimizer, history) after checking it belongs to this dataset."""
     if not last_path.exists():
         raise CheckpointError(f"--resume: no {last_path} to resume from (train without --resume first)")
     meta = read_metadata(last_path)
@@ -381,7 +533,7 @@ def _resume(model, last_path: Path, splits: DatasetSplits, config: TrainConfig, 
     epoch = int(meta["epoch"])
     stage = config.stage_of(epoch + 1) if epoch < config.total_epochs else 2
     configure_stage(model, stage)
-    optimizer = make_optimizer(model, stage, config)
+    optimizer = make_optimizer(model, stage, config, capturable=capturable and stage == 2)
     if config.stage_of(epoch) == stage:    # same stage: Adam's moments carry on
         restore_optimizer(optimizer, {k: v.to(device) for k, v in loaded.extra.items()},
                           meta["training_state"]["optimizer_groups"])

@@ -74,26 +74,32 @@ def test_best_is_the_best_validation_epoch(trained):
     assert not is_better({"val_acc": 0.8, "val_loss": 0.1}, {"val_acc": 0.9, "val_loss": 0.6})
 
 
-def test_frozen_stage_keeps_backbone_and_its_batchnorm_statistics(tmp_path):
+def test_frozen_stage_keeps_backbone_and_its_batchnorm_statistics(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "dataset", per_class=4)
-    config = TrainConfig(data=str(data), out=str(tmp_path / "m"), **{**FAST, "head_epochs": 1, "finetune_epochs": 0})
-    config.gallery = False
+    config = TrainConfig(data=str(data), out=str(tmp_path / "m"),
+                         **{**FAST, "head_epochs": 2, "finetune_epochs": 0, "gallery": False})
     from mediscan import training
-    captured = {}
-    original = training.train_one_epoch
+    snapshots = []
+    real_features, real_head = training.pooled_training_features, training.train_head_epoch
 
-    def spy(model, *args, **kwargs):
-        captured["before"] = {k: v.clone() for k, v in model.features.state_dict().items()}
-        out = original(model, *args, **kwargs)
-        captured["after"] = {k: v.clone() for k, v in model.features.state_dict().items()}
+    def snapshot(model):
+        snapshots.append({k: v.clone() for k, v in model.features.state_dict().items()})
+
+    def features_spy(model, *args, **kwargs):
+        snapshot(model)                       # before the stage-1 epoch touches the backbone
+        return real_features(model, *args, **kwargs)
+
+    def head_spy(model, *args, **kwargs):
+        out = real_head(model, *args, **kwargs)
+        snapshot(model)                       # after the epoch's head training
         return out
-    training.train_one_epoch = spy
-    try:
-        fit(config, log=lambda _: None)
-    finally:
-        training.train_one_epoch = original
-    for key, before in captured["before"].items():
-        assert torch.equal(before, captured["after"][key]), key      # weights AND running stats
+    monkeypatch.setattr(training, "pooled_training_features", features_spy)
+    monkeypatch.setattr(training, "train_head_epoch", head_spy)
+    fit(config, log=lambda _: None)
+    assert len(snapshots) == 4
+    for later in snapshots[1:]:
+        for key, value in snapshots[0].items():
+            assert torch.equal(value, later[key]), key      # weights AND BatchNorm running statistics
 
 
 def test_resume_continues_where_the_run_stopped(trained, tmp_path):
