@@ -1,0 +1,107 @@
+"""Evaluation gallery: a grid of Grad-CAM overlays, correct and misclassified, for the training report.
+
+Each tile is the model's input (the centre crop, resized) with the heatmap of the *predicted* class on
+top, titled ``true: X / pred: Y (p%)``; misclassified tiles have a red title.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers / CI; must precede the pyplot import
+import numpy as np
+import torch
+from matplotlib import pyplot as plt
+
+import grad_cam
+from mediscan.preprocessing import INPUT_RANGE, preprocess
+
+#: Tile size in pixels (the PNG is ``columns * TILE_WIDTH_PX`` by ``rows * TILE_HEIGHT_PX``).
+TILE_WIDTH_PX = 240
+TILE_HEIGHT_PX = 270
+MAX_COLUMNS = 4
+DPI = 100
+_BATCH = 8          # bounds memory at 224 px inputs
+CORRECT_COLOR = "black"
+WRONG_COLOR = "red"
+
+
+def select_items(true_indices: Sequence[int], predicted: Sequence[int], max_items: int) -> list[int]:
+    """Pick up to ``max_items`` sample indices, half misclassified and half correct where both exist
+    (the other group fills any shortfall), each group in its original order; returned sorted."""
+    if max_items <= 0:
+        return []
+    wrong = [i for i, (t, p) in enumerate(zip(true_indices, predicted)) if t != p]
+    right = [i for i, (t, p) in enumerate(zip(true_indices, predicted)) if t == p]
+    n_wrong = min(len(wrong), max(max_items // 2, max_items - len(right)))
+    n_right = min(len(right), max_items - n_wrong)
+    return sorted(wrong[:n_wrong] + right[:n_right])
+
+
+def tile_title(true_index: int, predicted: int, probability: float, classes: Sequence[str]) -> tuple[str, str]:
+    """``("true: X / pred: Y (p%)", colour)`` with a red colour for a misclassified item."""
+    text = f"true: {classes[true_index]} / pred: {classes[predicted]} ({100.0 * probability:.0f}%)"
+    return text, (CORRECT_COLOR if true_index == predicted else WRONG_COLOR)
+
+
+def save_gradcam_gallery(model: torch.nn.Module, samples: Sequence[tuple[np.ndarray, int, str]],
+                         classes: Sequence[str], path: str | Path, input_size: int,
+                         max_items: int = 16) -> Path:
+    """Write a PNG grid of Grad-CAM overlays for ``samples`` and return its path.
+
+    Args:
+        model: eval-mode classifier (``grad_cam.grad_cam`` raises on a model in training mode).
+        samples: ``(pixels01 (H, W) in [0, 1], true_index, name)`` triples, any image size.
+        classes: class names, index -> name.
+        path: where to write the PNG (parent folders are created).
+        input_size: the model's input side ``S`` (from the checkpoint's preprocessing).
+        max_items: at most this many tiles; misclassified and correct items are both shown when available.
+    """
+    if not samples:
+        raise ValueError("no samples to draw")
+    path = Path(path)
+    inputs = torch.stack([preprocess(np.asarray(pixels, dtype=np.float32), input_size)[0]
+                          for pixels, _, _ in samples])
+    true_indices = [int(true) for _, true, _ in samples]
+
+    # Pass 1: predictions only, to choose which items to show.
+    device = next(model.parameters()).device
+    predicted: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), _BATCH):
+            predicted += model(inputs[start:start + _BATCH].to(device)).argmax(dim=1).tolist()
+    chosen = select_items(true_indices, predicted, max_items)
+
+    # Pass 2: prediction + heatmap of the predicted class for the chosen items (fast path, one forward).
+    results = [grad_cam.grad_cam(model, inputs[chosen[i:i + _BATCH]]) for i in range(0, len(chosen), _BATCH)]
+    logits = torch.cat([r.logits for r in results])
+    cams = torch.cat([r.cams for r in results]).numpy()
+    probabilities = torch.softmax(logits, dim=1)
+    predicted_chosen = logits.argmax(dim=1).tolist()
+
+    columns = min(MAX_COLUMNS, len(chosen))
+    rows = math.ceil(len(chosen) / columns)
+    figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI,
+                                figsize=(columns * TILE_WIDTH_PX / DPI, rows * TILE_HEIGHT_PX / DPI))
+    try:
+        for ax in axes.ravel():
+            ax.axis("off")
+        for slot, index in enumerate(chosen):
+            ax = axes[slot // columns][slot % columns]
+            image01 = (inputs[index, 0].numpy() / INPUT_RANGE + 1.0) / 2.0   # the crop the model saw
+            ax.imshow(grad_cam.overlay(image01, cams[slot]))
+            pred = predicted_chosen[slot]
+            text, colour = tile_title(true_indices[index], pred, float(probabilities[slot, pred]), classes)
+            name = samples[index][2]
+            ax.set_title(f"{name}\n{text}", color=colour, fontsize=7,
+                         fontweight="bold" if colour == WRONG_COLOR else "normal")
+        figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.3)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No bbox_inches="tight": the PNG keeps the documented pixel size.
+        figure.savefig(path, format="png", dpi=DPI)
+    finally:
+        plt.close(figure)
+    return path
