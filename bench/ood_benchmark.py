@@ -1,0 +1,272 @@
+"""Out-of-scope benchmark: are non-X-ray images flagged, and are real validation images left alone?
+
+    python bench/ood_benchmark.py --checkpoint models/best.safetensors --data dataset
+    python bench/ood_benchmark.py --checkpoint models/best.safetensors --data dataset --list   # per image
+
+Out-of-scope set (made here, nothing downloaded): scikit-image's bundled sample photos (astronaut, cat,
+coffee, rocket, coins, moon, text page, retina fundus, histology, ...), the same photos inverted to
+grayscale (inverted photos look more like radiographs), and synthetic images: uniform/Gaussian/colour
+noise, blank black/white/grey, gradients, checkerboards, stripes, shapes and rendered text.
+
+In-scope set: every image under ``DATA/val`` (or under DATA itself when it has no ``val`` folder).
+
+Figures, with goals: % of the out-of-scope set flagged (goal >= 95 %), % of validation images flagged
+(goal <= 5 %), and AUROC of the OOD score (val vs out-of-scope). Baseline in the same run: max-softmax
+confidence ("flag when calibrated confidence < t"), with t set so that it flags as many validation
+images as the detector does (or ``uncertain_below`` without --data), to show what the detector adds.
+Works with any checkpoint; one without OOD statistics reports the baseline only.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mediscan.imaging import ImageReadError, looks_like_image_file  # noqa: E402
+from mediscan.predictor import Predictor  # noqa: E402
+
+SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon", "page", "text",
+                   "horse", "clock", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass",
+                   "gravel", "logo", "colorwheel", "checkerboard", "microaneurysms", "cell", "binary_blobs")
+
+
+@dataclass
+class Sample:
+    name: str
+    group: str
+    data: bytes
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="checkpoint (default: $MEDISCAN_MODEL or models/best)")
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder; its val/ images are in scope")
+    parser.add_argument("--max-val", type=int, default=None, help="use at most this many validation images")
+    parser.add_argument("--size", type=int, default=256, help="side of the synthetic images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--list", action="store_true", help="print every out-of-scope image's result")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# the out-of-scope images
+# --------------------------------------------------------------------------------------------------
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    return array if array.dtype == np.uint8 else np.clip(array, 0, 255).astype(np.uint8)
+
+
+def skimage_photos() -> tuple[list[Sample], list[Sample]]:
+    """scikit-image's bundled samples as PNG, and their inverted grayscale versions."""
+    try:
+        import skimage.data
+    except ImportError:
+        print("scikit-image is not installed: photo samples skipped (pip install scikit-image)")
+        return [], []
+    photos, inverted = [], []
+    for name in SKIMAGE_SAMPLES:
+        try:
+            array = to_uint8(np.asarray(getattr(skimage.data, name)()))
+        except Exception as exc:  # noqa: BLE001 -- some samples need a download (offline) or are missing
+            print(f"  (skipping skimage.data.{name}: {type(exc).__name__})")
+            continue
+        photos.append(Sample(name, "photo", png(array)))
+        gray = np.asarray(Image.fromarray(array).convert("L"))
+        inverted.append(Sample(f"{name} (inverted)", "inverted photo", png(255 - gray)))
+    return photos, inverted
+
+
+def rendered_text(size: int, seed: int) -> np.ndarray:
+    """A page of black text on white (a scanned report, a screenshot)."""
+    rng = np.random.default_rng(seed)
+    page = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.load_default()
+    words = "patient report findings normal impression lorem ipsum dolor sit amet radiology".split()
+    for row in range(2, size - 12, 14):
+        draw.text((6, row), " ".join(rng.choice(words, 6)), fill=0, font=font)
+    return np.asarray(page)
+
+
+def synthetic_images(size: int) -> list[Sample]:
+    """Noise, blanks, gradients, patterns, shapes and text: things no organ X-ray looks like."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    shapes = Image.new("L", (size, size), 30)
+    draw = ImageDraw.Draw(shapes)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, size - 40, 2)
+        box = [int(x0), int(y0), int(x0 + rng.integers(15, 40)), int(y0 + rng.integers(15, 40))]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=int(rng.integers(80, 256)))
+    images = {
+        "uniform noise": rng.integers(0, 256, (size, size), dtype=np.uint8),
+        "gaussian noise": to_uint8(rng.normal(128, 40, (size, size))),
+        "colour noise": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "blank black": np.zeros((size, size), np.uint8),
+        "blank white": np.full((size, size), 255, np.uint8),
+        "blank grey": np.full((size, size), 128, np.uint8),
+        "horizontal gradient": to_uint8(np.tile(ramp, (size, 1))),
+        "radial gradient": to_uint8(255 * np.hypot(yy - size / 2, xx - size / 2) / (size * 0.71)),
+        "checkerboard": to_uint8(((yy // 16 + xx // 16) % 2) * 255),
+        "stripes": to_uint8(127.5 + 127.5 * np.sin(xx / 3.0)),
+        "shapes": np.asarray(shapes),
+        "rendered text": rendered_text(size, 1),
+        "rendered text (inverted)": 255 - rendered_text(size, 2),
+    }
+    return [Sample(name, "synthetic", png(array)) for name, array in images.items()]
+
+
+def validation_files(data: Path, limit: int | None) -> list[Path]:
+    folder = data / "val" if (data / "val").is_dir() else data
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and looks_like_image_file(p))
+    if limit is not None and len(files) > limit:
+        # An even spread over the sorted list keeps every class represented.
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------------
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float | None:
+    """P(score of a random out-of-scope image > score of a random in-scope one), ties count half."""
+    if len(in_scores) == 0 or len(out_scores) == 0:
+        return None
+    greater = (out_scores[:, None] > in_scores[None, :]).mean()
+    ties = (out_scores[:, None] == in_scores[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def percent(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:5.1f}% ({part}/{whole})" if whole else "  n/a"
+
+
+def goal(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def run_predictions(predictor: Predictor, items: list, names: list[str], batch_size: int):
+    started = time.perf_counter()
+    results = predictor.predict_many(items, batch_size=batch_size, names=names)
+    return results, time.perf_counter() - started
+
+
+def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_results, args) -> None:
+    val_ok = [r for r in val_results if not isinstance(r, ImageReadError)]
+    val_errors = len(val_results) - len(val_ok)
+    has_ood = predictor.ood is not None
+
+    if args.list:
+        print(f"\n{'image':34s} {'group':15s} {'verdict':13s} {'class':8s} {'conf':>6s} {'ood score':>10s}")
+        for sample, r in zip(ood_samples, ood_results):
+            score = "-" if r.ood_score is None else f"{r.ood_score:10.1f}"
+            print(f"{sample.name:34s} {sample.group:15s} {r.verdict:13s} {r.top_class:8s} "
+                  f"{r.confidence:6.1%} {score:>10s}")
+
+    print("\n== out-of-scope images " + "=" * 60)
+    confidences = np.array([r.confidence for r in ood_results])
+    print(f"mean calibrated confidence the classifier gives them: {confidences.mean():.1%} "
+          f"(median {np.median(confidences):.1%}) -- the problem the detector solves")
+    for group in sorted({s.group for s in ood_samples}):
+        rows = [r for s, r in zip(ood_samples, ood_results) if s.group == group]
+        flagged = sum(r.verdict == "out_of_scope" for r in rows)
+        print(f"  {group:16s} flagged out_of_scope: {percent(flagged, len(rows))}")
+    flagged_ood = sum(r.verdict == "out_of_scope" for r in ood_results)
+    print(f"  {'all':16s} flagged out_of_scope: {percent(flagged_ood, len(ood_results))}   "
+          f"goal >= 95%: {goal(has_ood and flagged_ood >= 0.95 * len(ood_results))}")
+
+    if val_results:
+        print("\n== validation images (in scope) " + "=" * 51)
+        flagged_val = sum(r.verdict == "out_of_scope" for r in val_ok)
+        print(f"  flagged out_of_scope: {percent(flagged_val, len(val_ok))}   "
+              f"goal <= 5%: {goal(flagged_val <= 0.05 * len(val_ok))}"
+              + (f"   ({val_errors} unreadable files skipped)" if val_errors else ""))
+        verdicts = {v: sum(r.verdict == v for r in val_ok) for v in ("confident", "uncertain", "out_of_scope")}
+        print("  verdicts: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
+
+    print("\n== detector vs max-softmax baseline " + "=" * 47)
+    ood_conf = confidences
+    val_conf = np.array([r.confidence for r in val_ok])
+    if val_ok:
+        # Same budget of false alarms on validation as the detector (at least 1 image's worth, at most 5 %).
+        budget = max(sum(r.verdict == "out_of_scope" for r in val_ok), 1) if has_ood else int(0.05 * len(val_ok))
+        threshold = float(np.sort(val_conf)[min(budget, len(val_conf) - 1)])
+        rule = f"confidence < {threshold:.6f} (flags {percent(int((val_conf < threshold).sum()), len(val_conf))} of val)"
+    else:
+        threshold = predictor.uncertain_below
+        rule = f"confidence < uncertain_below = {threshold:.2f}"
+    msp_flagged = int((ood_conf < threshold).sum())
+    print(f"  baseline {rule}")
+    print(f"  baseline flags {percent(msp_flagged, len(ood_conf))} of out-of-scope images; "
+          f"detector flags {percent(flagged_ood, len(ood_results)) if has_ood else 'n/a (no OOD statistics)'}")
+    if val_ok:
+        msp_auc = auroc(-val_conf, -ood_conf)
+        line = f"  AUROC val vs out-of-scope: max-softmax {msp_auc:.3f}"
+        if has_ood:
+            ood_auc = auroc(np.array([r.ood_score for r in val_ok]), np.array([r.ood_score for r in ood_results]))
+            line += f", Mahalanobis detector {ood_auc:.3f}"
+        print(line)
+    if not has_ood:
+        print("  NOTE: this checkpoint has no out-of-scope statistics; retrain to add them.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    predictor = Predictor(args.checkpoint, args.device)
+    card = predictor.model_card()
+    print(f"checkpoint {predictor.checkpoint_path} | classes {', '.join(predictor.classes)} | input "
+          f"{predictor.input_size}px | temperature {predictor.temperature:.3f} | weights {card['weight_source']}")
+    if predictor.ood is not None:
+        print(f"detector: Mahalanobis, threshold {predictor.ood.threshold:.2f} "
+              f"({predictor.ood.percentile:g}th percentile, from {predictor.ood.threshold_from}), "
+              f"shrinkage {predictor.ood.shrinkage:.3f}, {predictor.ood.n_train} training images")
+    else:
+        print("detector: none in this checkpoint")
+
+    photos, inverted = skimage_photos()
+    ood_samples = photos + inverted + synthetic_images(args.size)
+    ood_results, ood_seconds = run_predictions(predictor, [s.data for s in ood_samples],
+                                               [s.name for s in ood_samples], args.batch_size)
+    failed = [(s.name, r) for s, r in zip(ood_samples, ood_results) if isinstance(r, ImageReadError)]
+    for name, error in failed:
+        print(f"  (could not decode {name}: {error})")
+    keep = [i for i, r in enumerate(ood_results) if not isinstance(r, ImageReadError)]
+    ood_samples, ood_results = [ood_samples[i] for i in keep], [ood_results[i] for i in keep]
+    print(f"{len(ood_samples)} out-of-scope images in {ood_seconds:.1f}s")
+
+    val_results = []
+    if args.data is not None:
+        files = validation_files(args.data, args.max_val)
+        if not files:
+            print(f"no images under {args.data}/val (or {args.data})")
+        else:
+            val_results, val_seconds = run_predictions(predictor, files, None, args.batch_size)
+            print(f"{len(files)} validation images in {val_seconds:.1f}s")
+    report(predictor, ood_samples, ood_results, val_results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Out-of-scope detector: Mahalanobis distance with a tied, shrunk covariance (mediscan.ood).
+
+Synthetic features only (no model): four Gaussian clusters stand in for the four organ classes.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from mediscan.ood import OODDetector, fit_ood, ledoit_wolf_shrinkage
+
+N_CLASSES = 4
+
+
+def clustered(n: int, dim: int, seed: int, centers: torch.Tensor | None = None):
+    """``n`` features around four class centres (anisotropic noise, like real feature spreads)."""
+    gen = torch.Generator().manual_seed(seed)
+    if centers is None:
+        centers = torch.randn(N_CLASSES, dim, generator=torch.Generator().manual_seed(1234)) * 4
+    scales = torch.linspace(0.3, 2.0, dim)           # some directions vary a lot, some hardly
+    labels = torch.arange(n) % N_CLASSES
+    features = centers[labels] + torch.randn(n, dim, generator=gen) * scales
+    return features, labels
+
+
+def flagged(detector: OODDetector, features: torch.Tensor) -> float:
+    """Fraction of rows flagged, as an exact Python fraction (a float32 mean would round 40/800 up)."""
+    return int(detector.is_out_of_scope(features).sum()) / len(features)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Detector fitted on 800 training features, threshold from 800 validation features (64-d)."""
+    train, labels = clustered(800, 64, seed=0)
+    val, _ = clustered(800, 64, seed=1)
+    return fit_ood(train, labels, val), val
+
+
+def test_validation_images_flagged_at_most_five_percent(fitted):
+    detector, val = fitted
+    assert detector.threshold_from == "validation" and detector.n_val == 800
+    assert flagged(detector, val) <= 0.05
+
+
+def test_fresh_in_distribution_features_mostly_in_scope(fitted):
+    detector, _ = fitted
+    fresh, _ = clustered(2000, 64, seed=2)
+    # 5 % expected; the margin covers sampling noise of the 95th percentile of 800 scores.
+    assert flagged(detector, fresh) <= 0.075
+
+
+def test_far_away_features_are_flagged(fitted):
+    detector, _ = fitted
+    gen = torch.Generator().manual_seed(3)
+    far = torch.randn(200, 64, generator=gen) * 4 + 25          # another region of feature space
+    between = torch.randn(200, 64, generator=gen) * 0.1          # near the origin, between the clusters
+    assert detector.is_out_of_scope(far).all()
+    assert flagged(detector, between) >= 0.95
+
+
+def test_score_is_zero_at_class_means_and_grows_along_a_ray(fitted):
+    detector, _ = fitted
+    assert torch.allclose(detector.score(detector.means), torch.zeros(N_CLASSES), atol=1e-2)
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    ray = detector.means[0] + torch.arange(1, 6).float()[:, None] * 5 * direction
+    scores = detector.score(ray)
+    assert scores.shape == (5,) and scores.dtype == torch.float32
+    assert (scores.diff() > 0).all()
+
+
+def test_score_matches_the_definition(fitted):
+    """min_c sqrt((x - mu_c)^T P (x - mu_c)), computed the slow way."""
+    detector, val = fitted
+    x = val[:5].double()
+    p = detector.precision.double()
+    expected = torch.stack([
+        torch.stack([((xi - mu.double()) @ p @ (xi - mu.double())).sqrt() for mu in detector.means]).min()
+        for xi in x])
+    assert torch.allclose(detector.score(val[:5]).double(), expected, rtol=1e-4)
+
+
+def test_more_dimensions_than_samples_is_handled_by_shrinkage():
+    """1024-d features from 200 images: the plain covariance is singular; the shrunk one is not."""
+    train, labels = clustered(200, 1024, seed=5)
+    val, _ = clustered(200, 1024, seed=6)
+    # 200 residual vectors span at most 200 of the 1024 dimensions: the sample covariance is singular.
+    detector = fit_ood(train, labels, val)
+    assert 0.0 < detector.shrinkage <= 1.0
+    assert torch.isfinite(detector.precision).all()
+    fresh, _ = clustered(400, 1024, seed=7)
+    assert flagged(detector, fresh) <= 0.12
+    far = torch.randn(50, 1024) * 4 + 10
+    assert detector.is_out_of_scope(far).all()
+
+
+def test_dead_feature_dimensions_do_not_break_fitting():
+    """ReLU-pooled features often have units that are zero for every image."""
+    train, labels = clustered(300, 32, seed=8)
+    train = train.clamp_min(0)
+    train[:, :8] = 0.0
+    detector = fit_ood(train, labels)
+    assert torch.isfinite(detector.precision).all() and math.isfinite(detector.threshold)
+    assert torch.isfinite(detector.score(train)).all()
+
+
+def test_threshold_without_validation_uses_cross_fitted_scores():
+    """Training scores are optimistic (the statistics were fitted to them); cross-fitting is not."""
+    train, labels = clustered(600, 64, seed=9)
+    detector = fit_ood(train, labels)
+    assert detector.threshold_from == "train-crossfit" and detector.n_val == 0
+    in_sample = float(torch.quantile(detector.score(train).double(), 0.95))
+    assert detector.threshold > in_sample
+    fresh, _ = clustered(2000, 64, seed=10)
+    assert flagged(detector, fresh) <= 0.08
+
+
+def test_percentile_controls_the_flagged_fraction():
+    train, labels = clustered(400, 16, seed=11)
+    val, _ = clustered(1000, 16, seed=12)
+    strict = fit_ood(train, labels, val, percentile=99.0)
+    loose = fit_ood(train, labels, val, percentile=80.0)
+    assert strict.threshold > loose.threshold
+    assert flagged(strict, val) <= 0.01
+    assert flagged(loose, val) <= 0.20
+
+
+def test_fixed_shrinkage_is_used_as_given():
+    train, labels = clustered(200, 16, seed=13)
+    assert fit_ood(train, labels, shrinkage=0.25).shrinkage == 0.25
+    with pytest.raises(ValueError):
+        fit_ood(train, labels, shrinkage=1.5)
+
+
+def test_ledoit_wolf_extremes():
+    gen = torch.Generator().manual_seed(14)
+    isotropic = torch.randn(100, 50, generator=gen)             # truth is a scaled identity: shrink fully
+    assert ledoit_wolf_shrinkage(isotropic - isotropic.mean(0)) > 0.8
+    skewed = torch.randn(5000, 5, generator=gen) * torch.tensor([0.1, 1, 3, 10, 30])
+    assert ledoit_wolf_shrinkage(skewed - skewed.mean(0)) < 0.01  # many samples, far from identity
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    sklearn_covariance = pytest.importorskip("sklearn.covariance")
+    x = np.random.default_rng(15).normal(size=(120, 30)) * np.linspace(0.2, 3, 30)
+    x -= x.mean(0)
+    expected = sklearn_covariance.ledoit_wolf_shrinkage(x, assume_centered=True)
+    assert ledoit_wolf_shrinkage(torch.from_numpy(x)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_round_trip_through_checkpoint_tensors_and_json(fitted):
+    detector, val = fitted
+    tensors = detector.to_tensors()
+    assert tensors and all(name.startswith("ood.") for name in tensors)
+    meta = json.loads(json.dumps({"classes": list("abcd"), "ood": detector.to_meta()}))
+    for key in ("method", "threshold", "percentile", "n_train", "n_val", "shrinkage"):
+        assert key in meta["ood"]
+    restored = OODDetector.from_checkpoint(load_tensors(save_tensors(tensors)), meta)
+    assert restored.threshold == detector.threshold
+    assert restored.percentile == detector.percentile and restored.n_train == 800
+    assert torch.equal(restored.score(val[:20]), detector.score(val[:20]))
+
+
+def test_from_checkpoint_without_statistics_is_none(fitted):
+    detector, _ = fitted
+    assert OODDetector.from_checkpoint({}, {"classes": ["a", "b"]}) is None
+    assert OODDetector.from_checkpoint(detector.to_tensors(), {}) is None       # meta lost: not usable
+    assert OODDetector.from_checkpoint({}, {"ood": detector.to_meta()}) is None  # tensors lost
+
+
+def test_from_checkpoint_rejects_inconsistent_statistics(fitted):
+    detector, _ = fitted
+    with pytest.raises(ValueError, match="class"):
+        OODDetector.from_checkpoint(detector.to_tensors(), {"classes": ["a", "b"], "ood": detector.to_meta()})
+    with pytest.raises(ValueError, match="precision"):
+        OODDetector(torch.zeros(2, 4), torch.eye(3), threshold=1.0)
+
+
+def test_input_validation(fitted):
+    detector, _ = fitted
+    with pytest.raises(ValueError, match="shape"):
+        detector.score(torch.zeros(3, 10))
+    train, labels = clustered(40, 8, seed=16)
+    with pytest.raises(ValueError, match="no training features"):
+        fit_ood(train, labels, n_classes=5)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_ood(torch.full((8, 4), float("nan")), torch.arange(8) % 2)
+    with pytest.raises(ValueError, match="percentile"):
+        fit_ood(train, labels, percentile=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shift=st.floats(-50, 50), scale=st.floats(0.1, 10))
+def test_scores_are_invariant_to_shifting_and_scaling_all_features(shift, scale):
+    """Mahalanobis distance is affine-invariant for a common shift and scale (shrinkage target scales too)."""
+    train, labels = clustered(120, 8, seed=17)
+    query, _ = clustered(10, 8, seed=18)
+    base = fit_ood(train, labels, train, shrinkage=0.1)
+    moved = fit_ood(train * scale + shift, labels, train * scale + shift, shrinkage=0.1)
+    assert torch.allclose(moved.score(query * scale + shift), base.score(query), rtol=1e-3, atol=1e-3)
+    assert moved.threshold == pytest.approx(base.threshold, rel=1e-3)
