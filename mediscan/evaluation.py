@@ -277,7 +277,8 @@ def save_split_gallery(model, split, classes: list[str], path: Path) -> Path:
     """Grad-CAM gallery of a decoded split (``TensorSplit``), drawn on the CPU from the cropped model inputs."""
     from .gallery import save_gradcam_gallery
     device = next(model.parameters()).device
-    samples = [((split.images[i, 0] / 2048.0 + 0.5).clamp(0, 1).numpy(), int(split.labels[i]), split.paths[i].name)
+    images, labels = split.images.cpu(), split.labels.cpu()
+    samples = [((images[i, 0] / 2048.0 + 0.5).clamp(0, 1).numpy(), int(labels[i]), split.paths[i].name)
                for i in range(len(split))]
     try:
         return save_gradcam_gallery(model.to("cpu").eval(), samples, classes, path, split.images.shape[-1])

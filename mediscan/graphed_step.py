@@ -61,7 +61,10 @@ class GraphedTrainStep:
         images = self.static_images
         if self._augment:
             images = augment_batch(images)     # device RNG: replays draw fresh numbers
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp):
+        images = images.contiguous(memory_format=torch.channels_last)
+        # Autocast's cache of bf16 weight copies must be off inside a graph: a cached copy would be
+        # frozen into the capture and never see the optimizer's updates.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp, cache_enabled=False):
             logits = self._model(images)
         loss = self._criterion(logits.float(), self.static_labels)
         loss.backward()

@@ -554,7 +554,7 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     val_logits, val_pooled = predict_split(model, data["val"].images, batch, device, config.amp)
     temperature = fit_temperature(val_logits, data["val"].labels)
     _, train_pooled = predict_split(model, data["train"].images, batch, device, config.amp)
-    detector = fit_ood(train_pooled, data["train"].labels, val_pooled)
+    detector = fit_ood(train_pooled, data["train"].labels.cpu(), val_pooled)
     val_metrics = classification_metrics(val_logits, data["val"].labels, splits.classes, temperature)
     test_metrics = None
     if len(data["test"]):
