@@ -89,22 +89,71 @@ def new_metadata(classes: list[str], preprocessing: PreprocessConfig, weight_sou
     return meta
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
-                    extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``model`` + ``meta`` (+ extra tensors) to ``path`` atomically and return the path."""
-    path = Path(path)
+def checkpoint_tensors(model: torch.nn.Module, meta: dict,
+                       extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A private CPU copy of everything a checkpoint stores (training may go on changing the originals)."""
     if len(meta.get("classes", [])) != model.head.fc.out_features:
         raise CheckpointError(f"metadata lists {len(meta.get('classes', []))} classes but the model has "
                               f"{model.head.fc.out_features} outputs")
-    tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+    def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+        # .to("cpu") alone returns the same storage for CPU tensors; a checkpoint needs a snapshot.
+        return tensor.detach().to("cpu", copy=True).contiguous()
+
+    tensors = {MODEL_PREFIX + k: cpu_copy(v) for k, v in model.state_dict().items()}
     for name, tensor in (extra or {}).items():
         if name.startswith(MODEL_PREFIX):
             raise ValueError(f"extra tensor name {name!r} clashes with the model's prefix")
-        tensors[name] = tensor.detach().to("cpu").contiguous()
+        tensors[name] = cpu_copy(tensor)
+    return tensors
+
+
+def write_checkpoint_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Serialise tensors + metadata to ``path`` atomically."""
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": json.dumps(meta, default=str)}
-    payload = safetensors_bytes(tensors, metadata=header)
-    atomic_write_bytes(path, payload)
+    path = Path(path)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header))
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` + ``meta`` (+ extra tensors) to ``path`` atomically and return the path."""
+    return write_checkpoint_tensors(path, checkpoint_tensors(model, meta, extra), meta)
+
+
+class BackgroundCheckpointWriter:
+    """Writes checkpoints on one background thread, in submission order, so training need not wait for
+    the disk (an epoch's ``last`` checkpoint with Adam's state is ~3x the weights). The snapshot is taken
+    at submission; a failed write is raised by the next :meth:`submit` or by :meth:`wait`."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: list = []
+
+    def submit(self, path: str | os.PathLike, model: torch.nn.Module, meta: dict,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+        self._raise_failures(block=False)
+        tensors = checkpoint_tensors(model, meta, extra)
+        frozen_meta = json.loads(json.dumps(meta, default=str))    # the caller keeps appending to its lists
+        self._pending.append(self._pool.submit(write_checkpoint_tensors, path, tensors, frozen_meta))
+
+    def wait(self) -> None:
+        """Block until every submitted checkpoint is on disk (re-raising a write error)."""
+        self._raise_failures(block=True)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _raise_failures(self, block: bool) -> None:
+        finished = [f for f in self._pending if block or f.done()]
+        self._pending = [f for f in self._pending if f not in finished]
+        for future in finished:                 # a failure is raised once, then forgotten
+            future.result()
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

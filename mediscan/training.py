@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, new_metadata, read_metadata, save_checkpoint
+from .checkpoint import (BackgroundCheckpointWriter, CheckpointError, load_checkpoint, new_metadata, read_metadata,
+                         save_checkpoint)
 from .data import DatasetError, DatasetSplits, TensorSplit, augment_batch, load_split, scan_dataset
 from .distributed import (DistEnv, all_reduce_sum, barrier, epoch_indices, init_distributed, local_batch_size,
                           shutdown)
@@ -426,46 +427,50 @@ def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitRe
     criterion = nn.CrossEntropyLoss(weight=class_weights)
     use_graphs = device.type == "cuda" and config.cuda_graphs and not env.enabled
     cached_pooled, trainable, graphed = None, None, None
-    for epoch in range(first_epoch, config.total_epochs + 1):
-        stage = config.stage_of(epoch)
-        if optimizer is None or epoch == config.head_epochs + 1:
-            configure_stage(model, stage)
-            optimizer = make_optimizer(model, stage, config, capturable=use_graphs and stage == 2)
-            graphed = None
-        if trainable is None or epoch == config.head_epochs + 1:
-            trainable = _wrap_for_stage(model, stage, env, device)
-        epoch_start = time.perf_counter()
-        generator = _epoch_generator(config, epoch, env.rank, device)
-        indices = epoch_indices(len(train), epoch, config.seed, env)
-        if stage == 1:
-            if config.augment:
-                pooled = pooled_training_features(model, train.images[indices.to(train.images.device)], config,
-                                                  device, generator)
-            else:                             # nothing changes between stage-1 epochs: compute once
-                if cached_pooled is None:
-                    cached_pooled = pooled_training_features(model, train.images, config, device, None)
-                pooled = cached_pooled[indices.to(cached_pooled.device)]
-            totals = train_head_epoch(model, trainable, pooled, train.labels[indices.to(train.labels.device)].to(device),
-                                      optimizer, criterion, config, local_batch, epoch)
-        else:
-            if use_graphs and graphed is None:
-                graphed = _try_graph(model, optimizer, criterion, train, indices, local_batch, config, device, log)
-            totals = train_full_epoch(model, trainable, train, indices, optimizer, criterion, config,
-                                      local_batch, epoch, device, generator, graphed)
-        loss_sum, correct, seen = all_reduce_sum(totals, env).tolist()
-        record = {"epoch": epoch, "stage": stage, "train_loss": loss_sum / max(seen, 1),
-                  "train_acc": correct / max(seen, 1)}
-        record.update(validate(model, data["val"], criterion, config, device))
-        record["seconds"] = round(time.perf_counter() - epoch_start, 2)
-        history.append(record)
-        improved = is_better(record, best)
-        if improved:
-            best = {k: record[k] for k in ("epoch", "val_acc", "val_loss")}
-        if env.is_main:
-            _save_epoch(model, optimizer, meta, epoch, stage, best, history, improved, best_path, last_path)
-        log(f"epoch {epoch:>3}/{config.total_epochs} stage {stage}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.3f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f}  "
-            f"{record['seconds']:.1f}s" + ("  * best" if improved else ""))
+    writer = BackgroundCheckpointWriter()   # epochs go on while the previous checkpoints are written
+    try:
+        for epoch in range(first_epoch, config.total_epochs + 1):
+            stage = config.stage_of(epoch)
+            if optimizer is None or epoch == config.head_epochs + 1:
+                configure_stage(model, stage)
+                optimizer = make_optimizer(model, stage, config, capturable=use_graphs and stage == 2)
+                graphed = None
+            if trainable is None or epoch == config.head_epochs + 1:
+                trainable = _wrap_for_stage(model, stage, env, device)
+            epoch_start = time.perf_counter()
+            generator = _epoch_generator(config, epoch, env.rank, device)
+            indices = epoch_indices(len(train), epoch, config.seed, env)
+            if stage == 1:
+                if config.augment:
+                    pooled = pooled_training_features(model, train.images[indices.to(train.images.device)], config,
+                                                      device, generator)
+                else:                             # nothing changes between stage-1 epochs: compute once
+                    if cached_pooled is None:
+                        cached_pooled = pooled_training_features(model, train.images, config, device, None)
+                    pooled = cached_pooled[indices.to(cached_pooled.device)]
+                totals = train_head_epoch(model, trainable, pooled, train.labels[indices.to(train.labels.device)].to(device),
+                                          optimizer, criterion, config, local_batch, epoch)
+            else:
+                if use_graphs and graphed is None:
+                    graphed = _try_graph(model, optimizer, criterion, train, indices, local_batch, config, device, log)
+                totals = train_full_epoch(model, trainable, train, indices, optimizer, criterion, config,
+                                          local_batch, epoch, device, generator, graphed)
+            loss_sum, correct, seen = all_reduce_sum(totals, env).tolist()
+            record = {"epoch": epoch, "stage": stage, "train_loss": loss_sum / max(seen, 1),
+                      "train_acc": correct / max(seen, 1)}
+            record.update(validate(model, data["val"], criterion, config, device))
+            record["seconds"] = round(time.perf_counter() - epoch_start, 2)
+            history.append(record)
+            improved = is_better(record, best)
+            if improved:
+                best = {k: record[k] for k in ("epoch", "val_acc", "val_loss")}
+            if env.is_main:
+                _save_epoch(writer, model, optimizer, meta, epoch, stage, best, history, improved, best_path, last_path)
+            log(f"epoch {epoch:>3}/{config.total_epochs} stage {stage}  train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.3f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f}  "
+                f"{record['seconds']:.1f}s" + ("  * best" if improved else ""))
+    finally:
+        writer.close()                       # every checkpoint is on disk before anyone reads it
 
     barrier(env)
     report_path, test_metrics, notes = None, None, []
@@ -507,12 +512,12 @@ def _try_graph(model, optimizer, criterion, train: TensorSplit, indices, local_b
         return None
 
 
-def _save_epoch(model, optimizer, meta, epoch, stage, best, history, improved, best_path, last_path) -> None:
+def _save_epoch(writer, model, optimizer, meta, epoch, stage, best, history, improved, best_path, last_path) -> None:
     """best.safetensors when validation improved; last.safetensors (with optimizer state) every epoch."""
     if improved:
-        save_checkpoint(best_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best})
+        writer.submit(best_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best})
     optim_tensors, groups = optimizer_tensors(optimizer)
-    save_checkpoint(last_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best,
+    writer.submit(last_path, model, {**meta, "epoch": epoch, "stage": stage, "best": best,
                                        "training_state": {"history": history, "optimizer_groups": groups}},
                     optim_tensors)
 
@@ -548,6 +553,7 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
                              write_report)
     from .ood import fit_ood
 
+    started = time.perf_counter()
     best = load_checkpoint(best_path, device)
     model, meta = best.model, best.meta
     batch = config.batch_size * 4
@@ -565,6 +571,7 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     save_checkpoint(best_path, model, meta, detector.to_tensors())
     log(f"temperature {temperature:.3f} (fitted on val); out-of-scope threshold {detector.threshold:.2f}")
 
+    log(f"calibration and out-of-scope fit: {time.perf_counter() - started:.1f}s")
     out = best_path.parent
     _, curves = save_history(history, out)
     notes = describe_dataset(splits, config)

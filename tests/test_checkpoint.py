@@ -142,3 +142,30 @@ def test_missing_weights_are_reported(tmp_path, model):
 def test_save_refuses_metadata_that_does_not_match_the_head(tmp_path, model):
     with pytest.raises(CheckpointError, match="metadata lists 2 classes"):
         save_checkpoint(tmp_path / "x.safetensors", model, new_metadata(["a", "b"], PreprocessConfig(32), "x"))
+
+
+def test_background_writer_snapshots_at_submission_and_reports_failures(tmp_path, model, monkeypatch):
+    writer = ckpt.BackgroundCheckpointWriter()
+    history = [{"epoch": 1}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    writer.submit(tmp_path / "last.safetensors", model, _meta(training_state={"history": history}))
+    history.append({"epoch": 2})                       # the caller goes on mutating its own objects...
+    with torch.no_grad():
+        model.head.fc.bias.add_(1.0)                   # ...and its weights
+    try:
+        writer.wait()
+        loaded = load_checkpoint(tmp_path / "last.safetensors")
+        assert loaded.meta["training_state"]["history"] == [{"epoch": 1}]
+        assert torch.equal(loaded.model.head.fc.bias, before["head.fc.bias"])
+
+        def full_disk(*args, **kwargs):
+            raise OSError("No space left on device")
+        monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+        writer.submit(tmp_path / "last.safetensors", model, _meta())
+        with pytest.raises(OSError, match="No space"):
+            writer.wait()
+        assert load_checkpoint(tmp_path / "last.safetensors").meta["training_state"]["history"] == [{"epoch": 1}]
+    finally:
+        with torch.no_grad():
+            model.head.fc.bias.sub_(1.0)
+        writer.close()
