@@ -14,6 +14,10 @@ Continue an interrupted run, or evaluate a checkpoint on dataset/test alone:
     python densenet121_xray_classifier.py --data dataset --out models --resume
     python densenet121_xray_classifier.py --evaluate models/best.safetensors --data dataset
 
+Export a checkpoint for the optional ONNX Runtime CPU backend (writes models/best.onnx; checks parity):
+
+    python densenet121_xray_classifier.py --export-onnx models/best.safetensors
+
 Outputs in --out: best.safetensors, last.safetensors, history.csv, training_curves.png, report.md,
 confusion_matrix.png/json, gradcam_gallery.png, metrics.json. Not a medical device.
 """
@@ -57,15 +61,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (log lines only)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery in the report")
     p.add_argument("--evaluate", metavar="CHECKPOINT", help="only evaluate CHECKPOINT on <data>/test and write a report")
+    p.add_argument("--export-onnx", metavar="CHECKPOINT",
+                   help="only export CHECKPOINT to ONNX for the Predictor's ONNX Runtime backend")
+    p.add_argument("--onnx-out", metavar="PATH", default=None,
+                   help="where --export-onnx writes (default: the checkpoint's path with a .onnx suffix)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.onnx_out and not args.export_onnx:
+        parser.error("--onnx-out is only used with --export-onnx")
     from mediscan.checkpoint import CheckpointError
     from mediscan.data import DatasetError
     from mediscan.model import WeightsError
     try:
+        if args.export_onnx:
+            from mediscan.onnx_backend import export_onnx
+            done = export_onnx(args.export_onnx, args.onnx_out)
+            print(f"onnx: {done.path} (checkpoint sha256 {done.checkpoint_sha256[:12]}..., max probability "
+                  f"difference vs PyTorch {done.max_probability_difference:.1e})")
+            return EXIT_OK
         if args.evaluate:
             from mediscan.evaluation import evaluate_checkpoint
             report = evaluate_checkpoint(args.evaluate, args.data, out_dir=args.out, batch_size=args.batch_size,

@@ -40,6 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint file (default: $MEDISCAN_MODEL, else models/best.safetensors)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                        help="run the network in PyTorch or in ONNX Runtime on the CPU (needs the export made by "
+                             "densenet121_xray_classifier.py --export-onnx); auto = ONNX when that export is "
+                             "up to date and ONNX Runtime is faster here")
     parser.add_argument("--output", type=Path, default=None,
                         help="figure path (default: <image name>_gradcam.png in the current folder)")
     parser.add_argument("--no-figure", action="store_true", help="do not save the figure")
@@ -92,7 +96,7 @@ def decode(args):
 
 def load_predictor(args):
     from mediscan.predictor import Predictor
-    kwargs = {"uncertain_below": args.uncertain_below}
+    kwargs = {"uncertain_below": args.uncertain_below, "backend": args.backend}
     if args.max_pixels is not None:
         kwargs["max_pixels"] = args.max_pixels
     return Predictor(args.checkpoint, args.device, **kwargs)

@@ -1,7 +1,8 @@
-"""Inference speed through the Predictor: single-image latency and folder-mode throughput.
+"""Inference speed through the Predictor: single-image latency and folder-mode throughput, PyTorch vs ONNX Runtime.
 
     python bench/infer_speed.py                                   # random-init 224 px model, ~2 min on 2 CPU cores
     python bench/infer_speed.py --checkpoint models/best.safetensors --images 64 --batch-size 16
+    python bench/infer_speed.py --threads 1 --compare-only        # only the PyTorch vs ONNX Runtime section
 
 Figures:
 * single image (PNG file -> result), p50 / p95 over --repeats runs: ``predict`` (prediction + OOD score),
@@ -9,10 +10,16 @@ Figures:
   ``explain`` with faithfulness (one more, 3x batched, forward pass);
 * folder mode, --images files: one-at-a-time ``predict()`` (the baseline) vs batched ``predict_many``,
   images/s each and the speed-up ratio, run back to back in this process on the same files; the two
-  must give the same probabilities (checked).
+  must give the same probabilities (checked);
+* PyTorch vs ONNX Runtime on the CPU (skipped with --no-onnx, without onnxruntime, or on CUDA): the checkpoint is
+  exported to a temporary .onnx, then batch-1 latency (predict, explain, explain + faithfulness) and batched
+  predict_many throughput are measured for both backends in this process, their calls interleaved so that a
+  change in machine load hits both alike; parity = the largest probability / heatmap / OOD-score difference
+  over every image run. This is the measurement behind ``mediscan.onnx_backend.AUTO_PREFERS_ONNX_ON_CPU``.
 
 Without --checkpoint a random-initialised model at the default 224 px input (4 classes, OOD statistics
-fitted on random features so that the OOD scoring is timed too) is written to a temporary folder.
+fitted on random features so that the OOD scoring is timed too, head scaled so that its probabilities are
+not saturated at 0/1 -- otherwise any two backends would trivially agree) is written to a temporary folder.
 Timings depend on the machine and its load: compare ratios within one run, not across machines.
 """
 from __future__ import annotations
@@ -47,7 +54,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=32, help="files in the folder-mode comparison")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=512, help="side of the test images (as uploaded)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads, also used by ONNX Runtime (default: torch's)")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                        help="the Predictor backend for the first two sections")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
+                        help="skip the PyTorch vs ONNX Runtime comparison")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only the PyTorch vs ONNX Runtime comparison")
     return parser
 
 
@@ -61,6 +75,10 @@ def random_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     model, source = build_model(4, weights="none")
     gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # logits with a spread of about 2 (random init gives hundreds: probabilities 0 or 1)
+        logits = model.eval()((torch.rand(4, 1, 224, 224, generator=gen) * 2 - 1) * 1024)
+        model.head.fc.weight.mul_(2.0 / float(logits.std()))
+        model.head.fc.bias.zero_()
     detector = fit_ood(torch.rand(256, 1024, generator=gen), torch.arange(256) % 4,
                        torch.rand(64, 1024, generator=gen))
     meta = new_metadata(["bone", "brain", "heart", "lungs"], PreprocessConfig(224), source, ood=detector.to_meta())
@@ -100,48 +118,152 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         checkpoint = args.checkpoint or random_checkpoint(tmp)
         started = time.perf_counter()
-        predictor = Predictor(checkpoint, args.device)
+        predictor = Predictor(checkpoint, args.device, backend=args.backend)
         load_s = time.perf_counter() - started
         paths = write_images(tmp, max(args.images, 1), args.image_size)
 
-        load = f" | load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
         print(f"device {predictor.device} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-              f"{os.cpu_count()} CPUs | {platform.processor() or platform.machine()}{load}")
+              f"{os.cpu_count()} CPUs | {platform.processor() or platform.machine()}{load_average()}")
         print(f"model {predictor.checkpoint_path.name}: {predictor.input_size}px input, classes "
-              f"{', '.join(predictor.classes)}, OOD {'yes' if predictor.ood else 'no'}; loaded in {load_s:.1f}s")
+              f"{', '.join(predictor.classes)}, OOD {'yes' if predictor.ood else 'no'}; backend "
+              f"{predictor.backend}; loaded in {load_s:.1f}s")
         print(f"images: {args.image_size}x{args.image_size} 8-bit PNG files")
+        if not args.compare_only:
+            baseline_sections(predictor, paths, args)
+        if args.onnx:
+            compare_backends(Path(checkpoint), paths, tmp, args)
+    return 0
 
-        # Warm-up: the first calls pay for allocator and kernel set-up, for single and batched shapes.
+
+def load_average() -> str:
+    return f" | load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+
+
+def baseline_sections(predictor: Predictor, paths: list[Path], args) -> None:
+    """Single-image latency and folder mode (one at a time vs batched) for one predictor."""
+    # Warm-up: the first calls pay for allocator and kernel set-up, for single and batched shapes.
+    predictor.explain(paths[0])
+    predictor.predict_many(paths[:min(args.batch_size, len(paths))], batch_size=args.batch_size)
+
+    print("\n== single image latency (file -> result)")
+    few = max(3, args.repeats // 2)      # the faithfulness pass is 3x the work: fewer runs
+    rows = [("predict (prediction + OOD)", lambda: predictor.predict(paths[0]), args.repeats),
+            ("explain (+ heatmap, same pass)", lambda: predictor.explain(paths[0], faithfulness=False),
+             args.repeats),
+            ("explain + faithfulness", lambda: predictor.explain(paths[0], faithfulness=True), few)]
+    print(f"  {'':32s} {'p50':>8s}     {'p95':>8s}     runs")
+    for label, fn, repeats in rows:
+        p50, p95 = latency(fn, repeats)
+        print(f"  {label:32s} {p50:8.1f} ms  {p95:8.1f} ms  {repeats:3d}")
+
+    print(f"\n== folder mode, {len(paths)} files")
+    started = time.perf_counter()
+    serial = [predictor.predict(path) for path in paths]
+    serial_s = time.perf_counter() - started
+    started = time.perf_counter()
+    batched = predictor.predict_many(paths, batch_size=args.batch_size)
+    batched_s = time.perf_counter() - started
+    worst = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(serial, batched)
+                for c in predictor.classes)
+    serial_rate, batched_rate = len(paths) / serial_s, len(paths) / batched_s
+    batched_label = f"batched predict_many(batch_size={args.batch_size})"
+    print(f"  {'one at a time, predict()':38s} {serial_rate:8.2f} images/s  ({serial_s:.1f}s)")
+    print(f"  {batched_label:38s} {batched_rate:8.2f} images/s  ({batched_s:.1f}s)")
+    print(f"  {'speed-up, batched / one at a time':38s} {batched_rate / serial_rate:8.2f}x")
+    print(f"  largest probability difference between the two: {worst:.2e}")
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch vs ONNX Runtime
+# --------------------------------------------------------------------------------------------------
+
+#: ONNX Runtime counts as "clearly faster" from this speed-up on (batch-1 explain p50 and batched throughput).
+CLEARLY_FASTER = 1.2
+PARITY_TOLERANCE = 1e-4
+
+
+def interleaved_latency(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """{name: (p50, p95) ms} for each ``fn()``, calls alternating between the backends (order flipped every
+    round) so that load changes on a shared machine affect all alike; also {name: last result}."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    last = {}
+    names = list(fns)
+    for index in range(repeats):
+        for name in (names if index % 2 == 0 else names[::-1]):
+            started = time.perf_counter()
+            last[name] = fns[name]()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: (float(np.percentile(t, 50)), float(np.percentile(t, 95))) for name, t in times.items()}, last
+
+
+def compare_backends(checkpoint: Path, paths: list[Path], tmp: Path, args) -> None:
+    print("\n== PyTorch vs ONNX Runtime (CPU, same process, calls interleaved)")
+    try:
+        import onnxruntime
+        from mediscan.onnx_backend import AUTO_PREFERS_ONNX_ON_CPU, export_onnx
+    except ImportError as exc:
+        print(f"  skipped: {exc} (pip install onnx onnxruntime)")
+        return
+    if args.device not in (None, "cpu") or (args.device is None and torch.cuda.is_available()):
+        print("  skipped: ONNX Runtime is a CPU backend; run with --device cpu")
+        return
+    started = time.perf_counter()
+    exported = export_onnx(checkpoint, tmp / "bench.onnx")
+    export_s = time.perf_counter() - started
+    backends = {"torch": Predictor(checkpoint, "cpu", backend="torch"),
+                "onnx": Predictor(checkpoint, "cpu", backend="onnx", onnx_path=exported.path)}
+    print(f"  onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} intra-op threads each; export "
+          f"{export_s:.1f}s (its own parity check: {exported.max_probability_difference:.1e}){load_average()}")
+    for predictor in backends.values():   # warm-up, batch 1 and batched shapes
         predictor.explain(paths[0])
         predictor.predict_many(paths[:min(args.batch_size, len(paths))], batch_size=args.batch_size)
 
-        print("\n== single image latency (file -> result)")
-        few = max(3, args.repeats // 2)      # the faithfulness pass is 3x the work: fewer runs
-        rows = [("predict (prediction + OOD)", lambda: predictor.predict(paths[0]), args.repeats),
-                ("explain (+ heatmap, same pass)", lambda: predictor.explain(paths[0], faithfulness=False),
-                 args.repeats),
-                ("explain + faithfulness", lambda: predictor.explain(paths[0], faithfulness=True), few)]
-        print(f"  {'':32s} {'p50':>8s}     {'p95':>8s}     runs")
-        for label, fn, repeats in rows:
-            p50, p95 = latency(fn, repeats)
-            print(f"  {label:32s} {p50:8.1f} ms  {p95:8.1f} ms  {repeats:3d}")
+    few = max(3, args.repeats // 2)
+    rows = [("predict (prediction + OOD)", lambda p: p.predict(paths[0]), args.repeats),
+            ("explain (+ heatmap, same pass)", lambda p: p.explain(paths[0], faithfulness=False), args.repeats),
+            ("explain + faithfulness", lambda p: p.explain(paths[0], faithfulness=True), few)]
+    print(f"  {'batch 1, file -> result':32s} {'torch p50':>10s} {'p95':>8s}   {'onnx p50':>9s} {'p95':>8s}"
+          f"   {'speed-up p50':>12s} {'p95':>6s}")
+    explained, speedups = {}, {}
+    for label, fn, repeats in rows:
+        stats, last = interleaved_latency({name: (lambda p=p: fn(p)) for name, p in backends.items()}, repeats)
+        (t50, t95), (o50, o95) = stats["torch"], stats["onnx"]
+        speedups[label] = t50 / o50
+        print(f"  {label:32s} {t50:8.1f}ms {t95:6.1f}ms   {o50:7.1f}ms {o95:6.1f}ms   {t50 / o50:11.2f}x "
+              f"{t95 / o95:5.2f}x")
+        if label.startswith("explain"):
+            explained[label] = last
 
-        print(f"\n== folder mode, {len(paths)} files")
-        started = time.perf_counter()
-        serial = [predictor.predict(path) for path in paths]
-        serial_s = time.perf_counter() - started
-        started = time.perf_counter()
-        batched = predictor.predict_many(paths, batch_size=args.batch_size)
-        batched_s = time.perf_counter() - started
-        worst = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(serial, batched)
-                    for c in predictor.classes)
-        serial_rate, batched_rate = len(paths) / serial_s, len(paths) / batched_s
-        batched_label = f"batched predict_many(batch_size={args.batch_size})"
-        print(f"  {'one at a time, predict()':38s} {serial_rate:8.2f} images/s  ({serial_s:.1f}s)")
-        print(f"  {batched_label:38s} {batched_rate:8.2f} images/s  ({batched_s:.1f}s)")
-        print(f"  {'speed-up, batched / one at a time':38s} {batched_rate / serial_rate:8.2f}x")
-        print(f"  largest probability difference between the two: {worst:.2e}")
-    return 0
+    seconds = {name: 0.0 for name in backends}
+    results = {}
+    for index in range(2):            # two rounds, order flipped: torch onnx onnx torch
+        for name in (list(backends) if index == 0 else list(backends)[::-1]):
+            started = time.perf_counter()
+            results[name] = backends[name].predict_many(paths, batch_size=args.batch_size)
+            seconds[name] += time.perf_counter() - started
+    rates = {name: 2 * len(paths) / seconds[name] for name in backends}
+    batched_speedup = rates["onnx"] / rates["torch"]
+    label = f"batched predict_many({args.batch_size}), {len(paths)} files"
+    print(f"  {label:44s} torch {rates['torch']:6.2f} images/s   onnx {rates['onnx']:6.2f} images/s   "
+          f"{batched_speedup:5.2f}x")
+
+    pairs = list(zip(results["torch"], results["onnx"]))
+    pairs += [(e["torch"].prediction, e["onnx"].prediction) for e in explained.values()]
+    prob_diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in pairs for c in a.classes)
+    ood_diff = max((abs(a.ood_score - b.ood_score) / max(abs(a.ood_score), 1e-12) for a, b in pairs
+                    if a.ood_score is not None), default=0.0)
+    map_diff = max(float(np.abs(e["torch"].heatmap - e["onnx"].heatmap).max()) for e in explained.values())
+    top = sum(a.top_class == b.top_class and a.verdict == b.verdict for a, b in pairs)
+    print(f"  parity over {len(pairs)} results: max |probability difference| {prob_diff:.1e} "
+          f"(tolerance {PARITY_TOLERANCE:.0e}), max |heatmap difference| {map_diff:.1e}, max relative OOD-score "
+          f"difference {ood_diff:.1e}, same class and verdict {top}/{len(pairs)}")
+    faster = min(speedups["explain (+ heatmap, same pass)"], batched_speedup) >= CLEARLY_FASTER
+    holds = prob_diff < PARITY_TOLERANCE
+    verdict = ("ONNX Runtime is clearly faster and parity holds: 'auto' may prefer it" if faster and holds else
+               "parity does NOT hold: 'auto' must stay on PyTorch" if not holds else
+               f"ONNX Runtime is not clearly faster (< {CLEARLY_FASTER}x): 'auto' should stay on PyTorch")
+    print(f"  decision: {verdict} (mediscan.onnx_backend.AUTO_PREFERS_ONNX_ON_CPU = {AUTO_PREFERS_ONNX_ON_CPU})"
+          f"{load_average()}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ put in eval mode and never modified afterwards; every call works on its own tens
 state on the model or on the predictor (no hooks left registered, no "last result" attribute).
 Grad-CAM runs on its closed-form fast path, which needs no hooks and no backward pass.
 
+Backends: the network runs in PyTorch, or on the CPU in ONNX Runtime from an export next to the
+checkpoint (``backend="onnx"``; ``"auto"`` picks it when that is faster and the file is up to date,
+see :mod:`mediscan.onnx_backend`). Everything around the network is the same code for both.
+
 Verdicts (in this order):
 
 * ``out_of_scope`` -- the out-of-scope detector stored in the checkpoint says the image does not
@@ -41,6 +45,7 @@ import torch
 from . import NOT_FOR_CLINICAL_USE, __version__
 from .checkpoint import CheckpointError, load_checkpoint
 from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
+from .onnx_backend import backend_device, select_backend
 from .ood import OODDetector
 from .preprocessing import CropGeometry, preprocess
 
@@ -226,24 +231,32 @@ class Predictor:
     Args:
         checkpoint: path to a ``.safetensors`` checkpoint (or a folder holding ``best.safetensors``);
             ``None`` = ``$MEDISCAN_MODEL``, else ``models/best.safetensors``.
-        device: ``"cpu"``, ``"cuda"`` ...; ``None`` = CUDA when available, else CPU.
+        device: ``"cpu"``, ``"cuda"`` ...; ``None`` = CUDA when available, else CPU (always CPU for
+            ``backend="onnx"``).
         max_pixels: larger images are refused before decoding (decompression-bomb guard).
         uncertain_below: calibrated confidence under which the verdict is ``uncertain``.
+        backend: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU; needs the export, see
+            :mod:`mediscan.onnx_backend`) or ``"auto"`` (ONNX on the CPU when an up-to-date export exists
+            and ONNX Runtime is the faster one, else PyTorch).
+        onnx_path: the ONNX file (default: next to the checkpoint, ``best.onnx`` for ``best.safetensors``).
 
     Raises :class:`ModelNotFoundError` when there is no checkpoint file, :class:`CheckpointError`
-    when it cannot be used.
+    when it cannot be used (:class:`~mediscan.onnx_backend.OnnxBackendError`, a subclass, when
+    ``backend="onnx"`` cannot be: no export, a stale one, no onnxruntime).
 
     Attributes: ``checkpoint_path``, ``classes`` (tuple), ``meta`` (the checkpoint's metadata),
     ``input_size``, ``temperature``, ``device``, ``ood`` (:class:`OODDetector` or ``None``),
-    ``max_pixels``, ``uncertain_below``.
+    ``max_pixels``, ``uncertain_below``, ``backend`` (``"torch"`` or ``"onnx"``: the one in use),
+    ``net`` (what runs: ``model`` itself, or an :class:`~mediscan.onnx_backend.OnnxClassifier`).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                 *, max_pixels: int = DEFAULT_MAX_PIXELS, uncertain_below: float = DEFAULT_UNCERTAIN_BELOW):
+                 *, max_pixels: int = DEFAULT_MAX_PIXELS, uncertain_below: float = DEFAULT_UNCERTAIN_BELOW,
+                 backend: str = "auto", onnx_path: str | os.PathLike | None = None):
         if not 0.0 <= uncertain_below <= 1.0:
             raise ValueError(f"uncertain_below must be in [0, 1], got {uncertain_below}")
         self.checkpoint_path = resolve_checkpoint_path(checkpoint)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = backend_device(backend, device) or default_device()
         loaded = load_checkpoint(self.checkpoint_path, self.device)
         self.model = loaded.model.eval()
         for parameter in self.model.parameters():   # read-only: inference never needs gradients
@@ -259,10 +272,12 @@ class Predictor:
                                   f"retrain or restore the checkpoint.") from None
         self.max_pixels = int(max_pixels)
         self.uncertain_below = float(uncertain_below)
+        self.backend, self.net = select_backend(backend, self.checkpoint_path, self.device, self.model,
+                                                self.input_size, onnx_path)
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.checkpoint_path)!r}, classes={list(self.classes)}, "
-                f"device={str(self.device)!r}, ood={'yes' if self.ood else 'no'})")
+                f"device={str(self.device)!r}, backend={self.backend!r}, ood={'yes' if self.ood else 'no'})")
 
     # ---------------------------------------------------------------------------------- model card
 
@@ -300,6 +315,7 @@ class Predictor:
             "out_of_scope": ood_line,
             "ood": ood_meta or None,
             "device": str(self.device),
+            "backend": self.backend,
             "version": __version__,
             "library_versions": self.meta.get("versions"),
             "not_for_clinical_use": NOT_FOR_CLINICAL_USE,
@@ -380,7 +396,7 @@ class Predictor:
         final feature map, for "gradcam" and "gradcam++" alike: no hooks, no backward, no state)."""
         from grad_cam import grad_cam
         with torch.no_grad():
-            return grad_cam(self.model, batch, targets, method=method)
+            return grad_cam(self.net, batch, targets, method=method)
 
     def _calibrate(self, logits: torch.Tensor, pooled: torch.Tensor | None, batch: torch.Tensor):
         """Temperature-scaled probabilities and OOD scores/flags (``None`` without a detector)."""
@@ -389,7 +405,7 @@ class Predictor:
             return probs, None, None
         if pooled is None:   # only grad_cam's general (hooked-layer) path omits them; we never use it
             with torch.no_grad():
-                pooled = self.model.pooled_features(batch)
+                pooled = self.net.pooled_features(batch)
         scores = self.ood.score(pooled.detach())
         return probs, scores, scores > self.ood.threshold
 
@@ -429,7 +445,7 @@ class Predictor:
 
     def _faithfulness(self, batch: torch.Tensor, cams: torch.Tensor, class_index: int) -> dict[str, float]:
         from grad_cam import faithfulness
-        result = faithfulness(self.model, batch, cams, [class_index])
+        result = faithfulness(self.net, batch, cams, [class_index])
         return {name: float(values[0]) for name, values in result.items()}
 
     def _run_many(self, images: Iterable[ImageInput], batch_size: int, names, *, with_maps: bool,
