@@ -402,12 +402,14 @@ def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitRe
             split.images = split.images.pin_memory().to(device, non_blocking=True)
             split.labels = split.labels.to(device)
 
+    build_start = time.perf_counter()
     model, weight_source = build_model(len(splits.classes), config.weights, config.dropout, config.weights_cache)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     log(f"model: DenseNet121 ({weight_source}), {config.input_size}x{config.input_size} input, device {device}"
-        + (f", {env.world_size} processes (global batch {config.batch_size})" if env.enabled else ""))
+        + (f", {env.world_size} processes (global batch {config.batch_size})" if env.enabled else "")
+        + f", ready in {time.perf_counter() - build_start:.1f}s")
     meta = new_metadata(splits.classes, PreprocessConfig(config.input_size), weight_source, config.dropout,
                         train_args={**dataclasses.asdict(config), "world_size": env.world_size},
                         dataset_fingerprint=splits.fingerprint)
