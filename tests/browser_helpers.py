@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
@@ -65,19 +65,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float, *, name: str = "the server",
+                  log: Callable[[], str] = lambda: "") -> bytes:
+    """Poll ``url`` until it answers 200 and return the answer's body.
+
+    Fails early (``RuntimeError``) when ``process``, the server, exits, and with ``TimeoutError`` after
+    ``timeout`` seconds; both messages quote ``log()`` (the server's output, as far as it can be read).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {process.returncode}:\n{_tail(log_path)}")
+            raise RuntimeError(f"{name} exited with code {process.returncode}:\n{log()}")
         try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return response.read()
         except OSError:
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"streamlit did not answer on {url} within {timeout:.0f} s:\n{_tail(log_path)}")
+    raise TimeoutError(f"{name} did not answer on {url} within {timeout:.0f} s:\n{log()}")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -123,7 +129,7 @@ def streamlit_server(checkpoint: str | os.PathLike, *, port: int | None = None, 
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            _wait_healthy(url, process, log_path, timeout)
+            wait_for_http(f"{url}/_stcore/health", process, timeout, name="streamlit", log=lambda: _tail(log_path))
             yield url
         finally:
             _stop(process)

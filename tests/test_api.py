@@ -10,49 +10,28 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 
 import numpy as np
-import pydicom
 import pytest
-import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import CLASSES, ROOT, pattern_image
+from browser_helpers import free_port, wait_for_http
+from conftest import CLASSES, FAKE_PATIENT, ROOT, dicom_bytes, pattern_image, write_tiny_checkpoint
 from mediscan import NOT_FOR_CLINICAL_USE
 from mediscan.api import create_app
-from mediscan.checkpoint import new_metadata, save_checkpoint
-from mediscan.model import build_model
 from mediscan.predictor import TRAIN_COMMAND, VERDICTS, Predictor
-from mediscan.preprocessing import PreprocessConfig
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Requests run in the test's own thread here; on a shared 2-core machine torch's 2-thread OpenMP team is
-    many times slower than 1 thread whenever the other core is busy, so these tests use one (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# Requests run in the test's own thread here, on one torch thread (conftest's session-wide one_torch_thread).
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    net, _ = build_model(len(CLASSES), weights="none")
-    meta = new_metadata(list(CLASSES), PreprocessConfig(64), "none (random initialisation)")
-    return save_checkpoint(tmp_path_factory.mktemp("api") / "tiny.safetensors", net.eval(), meta)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("api") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -92,24 +71,9 @@ def tiff16_bytes() -> bytes:
     return encode(gray().astype(np.uint16) * 257, "TIFF")
 
 
-def dicom_bytes(arr: np.ndarray | None = None) -> bytes:
-    """A Part-10 CR DICOM in memory, with fake patient fields that must never be logged."""
-    arr = (gray() if arr is None else arr).astype(np.uint16) * 16
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "SECRET123", "19700101"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = arr.tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+def patient_dicom_bytes(arr: np.ndarray | None = None) -> bytes:
+    """A Part-10 CR DICOM (12 bits stored) in memory, with fake patient fields that must never be logged."""
+    return dicom_bytes((gray() if arr is None else arr).astype(np.uint16) * 16, bits_stored=12, **FAKE_PATIENT)
 
 
 def upload(data: bytes, name: str = "scan.png", field: str = "file") -> dict:
@@ -223,7 +187,7 @@ def test_predict_multipart(client):
     ("image/png", png_bytes),
     ("image/jpeg", lambda: encode(gray(), "JPEG")),
     ("image/tiff", tiff16_bytes),
-    ("application/dicom", dicom_bytes),
+    ("application/dicom", patient_dicom_bytes),
     ("application/octet-stream", png_bytes),
 ])
 def test_predict_raw_body(client, content_type, make):
@@ -357,7 +321,7 @@ def test_unexpected_errors_are_500_with_only_a_request_id(client, predictor, mon
 
 def test_batch_returns_one_result_per_file_in_order(client):
     files = [(io.BytesIO(png_bytes()), "a.png"), (io.BytesIO(b"not an image"), "b.png"),
-             (io.BytesIO(dicom_bytes()), "c.dcm")]
+             (io.BytesIO(patient_dicom_bytes()), "c.dcm")]
     r = client.post("/v1/predict/batch", data={"files": files})
     assert r.status_code == 200
     body = r.get_json()
@@ -430,7 +394,7 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
 
 def test_logs_hold_no_file_names_or_patient_fields(client, caplog):
     with caplog.at_level(logging.DEBUG):
-        r = client.post("/v1/predict", data=upload(dicom_bytes(), "Doe_Jane_SECRET123.dcm"))
+        r = client.post("/v1/predict", data=upload(patient_dicom_bytes(), "Doe_Jane_SECRET123.dcm"))
         client.post("/v1/predict", data=upload(b"garbage", "Doe_Jane.png"))
     assert r.status_code == 200, r.get_json()
     assert "/v1/predict" in caplog.text                                   # requests are logged ...
@@ -484,12 +448,6 @@ def test_dev_server_never_enables_the_debugger(tmp_path, monkeypatch, capsys):
     assert "http://127.0.0.1:5999" in out and NOT_FOR_CLINICAL_USE in out and "503" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _multipart(field: str, filename: str, data: bytes, content_type: str = "image/png") -> tuple[bytes, str]:
     boundary = "mediscan-test-boundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
@@ -498,21 +456,15 @@ def _multipart(field: str, filename: str, data: bytes, content_type: str = "imag
 
 
 def _wait_for_health(port: int, process: subprocess.Popen, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return json.load(r)
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("server did not answer /health in time")
+    # The server's piped output can only be read without blocking once it has exited.
+    body = wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout,
+                         log=lambda: process.stdout.read() if process.poll() is not None else "")
+    return json.loads(body)
 
 
 def test_real_server_over_http(checkpoint):
     import psutil
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MEDISCAN_MODEL": str(checkpoint), "PYTHONUNBUFFERED": "1"}
     env.pop("MEDISCAN_API_KEY", None)
     process = subprocess.Popen([sys.executable, "app.py", "flask", "--port", str(port), "--threads", "2",

@@ -6,39 +6,22 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import CLASSES, pattern_image
+from conftest import pattern_image, write_tiny_checkpoint
 from mediscan.api import RAW_IMAGE_TYPES, create_app
-from mediscan.checkpoint import new_metadata, save_checkpoint
-from mediscan.model import build_model
 from mediscan.predictor import Predictor
-from mediscan.preprocessing import PreprocessConfig
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 EXPECTED = {200, 400, 401, 404, 405, 413, 415, 422}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Requests run in the test's own thread here; on a shared 2-core machine torch's 2-thread OpenMP team is
-    many times slower than 1 thread whenever the other core is busy, so these tests use one (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    torch.manual_seed(0)
-    net, _ = build_model(len(CLASSES), weights="none")
-    meta = new_metadata(list(CLASSES), PreprocessConfig(64), "none (random initialisation)")
-    path = save_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny.safetensors", net.eval(), meta)
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny.safetensors")
     # A small body limit, so that the 413 path is fuzzed too.
     app = create_app({"PREDICTOR": Predictor(path, "cpu"), "MAX_CONTENT_LENGTH": 64 * 1024, "API_KEY": None})
     return app.test_client()

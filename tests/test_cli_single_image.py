@@ -12,19 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 import test_single_image as cli
-from mediscan.checkpoint import new_metadata, save_checkpoint
-from mediscan.model import build_model
-from mediscan.ood import fit_ood
+from conftest import dicom_bytes, write_tiny_checkpoint
 from mediscan.predictor import ENV_CHECKPOINT, TRAIN_COMMAND, Predictor
-from mediscan.preprocessing import PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bone", "brain", "heart", "lungs"]
@@ -43,36 +36,11 @@ def save_png(path: Path, pixels: np.ndarray | None = None) -> Path:
     return path
 
 
-def dicom_bytes(pixels: np.ndarray | None, frames: int = 1) -> bytes:
-    """Minimal uncompressed 16-bit MONOCHROME2 DICOM; ``pixels=None`` gives one without pixel data."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SecondaryCaptureImageStorage, generate_uid(), "CR"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """Tiny 64-px random model with an OOD detector fitted on random features."""
-    torch.manual_seed(0)
-    model, source = build_model(len(CLASSES), weights="none")
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(80) % len(CLASSES)
-    detector = fit_ood(torch.rand(80, 1024, generator=gen), labels, torch.rand(40, 1024, generator=gen))
-    meta = new_metadata(CLASSES, PreprocessConfig(64), source, temperature=1.5, ood=detector.to_meta())
-    return save_checkpoint(tmp_path_factory.mktemp("cli") / "best.safetensors", model, meta, detector.to_tensors())
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "best.safetensors", classes=CLASSES,
+                                 with_ood=True, temperature=1.5)
 
 
 @pytest.fixture(scope="module")

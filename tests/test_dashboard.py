@@ -14,41 +14,22 @@ import sys
 import types
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from streamlit.testing.v1 import AppTest
 
-from conftest import CLASSES, ROOT, pattern_image
+from conftest import CLASSES, FAKE_PATIENT, ROOT, dicom_bytes, pattern_image, write_tiny_checkpoint
 from mediscan import NOT_FOR_CLINICAL_USE
 from mediscan import dashboard
-from mediscan.checkpoint import new_metadata, save_checkpoint
-from mediscan.model import build_model
 from mediscan.predictor import TRAIN_COMMAND, Predictor
-from mediscan.preprocessing import PreprocessConfig
 
 APP = str(ROOT / "app.py")
 METRICS = {"test": {"accuracy": 0.9125, "ece": 0.081, "ece_calibrated": 0.0234}}
 
 
 def write_checkpoint(path, seed: int = 0):
-    import torch
-    torch.manual_seed(seed)
-    model, source = build_model(len(CLASSES), weights="none")
-    meta = new_metadata(list(CLASSES), PreprocessConfig(64), source, metrics=METRICS)
-    return save_checkpoint(path, model, meta)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPUs are shared with other jobs."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """A tiny random checkpoint carrying the invented METRICS (for the model card)."""
+    return write_tiny_checkpoint(path, seed=seed, metrics=METRICS)
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +44,9 @@ def png_bytes(label: int, size: int = 72, seed: int = 0) -> bytes:
 
 
 def dicom_with_patient(size: int = 64) -> bytes:
-    """A CR DICOM in memory carrying fake patient fields that must never reach a report."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "SECRET123", "19700101"
-    pixels = (pattern_image(2, size, np.random.default_rng(3)).astype(np.uint16) * 16)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
+    """A CR DICOM (12 bits stored) in memory carrying fake patient fields that must never reach a report."""
+    pixels = pattern_image(2, size, np.random.default_rng(3)).astype(np.uint16) * 16
+    return dicom_bytes(pixels, bits_stored=12, **FAKE_PATIENT)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from PIL import Image
 
 from browser_helpers import (chromium_page, open_dashboard, page_background_luminance, playwright_missing,
                              save_screenshot, streamlit_server, upload_images, wait_for_analysis)
-from conftest import CLASSES, ROOT, pattern_image
+from conftest import CLASSES, ROOT, pattern_image, write_tiny_checkpoint
 from mediscan import NOT_FOR_CLINICAL_USE
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -38,17 +38,8 @@ def browser_available():
 @pytest.fixture(scope="module")
 def dashboard_url(browser_available, tmp_path_factory):
     """A running dashboard on a free port, serving a tiny checkpoint; stopped after the module's tests."""
-    import torch
-
-    from mediscan.checkpoint import new_metadata, save_checkpoint
-    from mediscan.model import build_model
-    from mediscan.preprocessing import PreprocessConfig
-
-    torch.manual_seed(0)
-    model, source = build_model(len(CLASSES), weights="none")
-    meta = new_metadata(list(CLASSES), PreprocessConfig(64), source,
-                        metrics={"test": {"accuracy": 0.95, "ece_calibrated": 0.021}})
-    checkpoint = save_checkpoint(tmp_path_factory.mktemp("e2e") / "tiny.safetensors", model, meta)
+    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("e2e") / "tiny.safetensors",
+                                       metrics={"test": {"accuracy": 0.95, "ece_calibrated": 0.021}})
     # One torch thread: a 64 px model gains nothing from more, and loses a lot on shared CPUs.
     with streamlit_server(checkpoint, timeout=90, extra_env={"OMP_NUM_THREADS": "1"}) as url:
         yield url

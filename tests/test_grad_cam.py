@@ -30,15 +30,8 @@ INNER_LAYER = "features.denseblock4.denselayer16.conv2"
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    # Concurrency here comes from Python threads; OpenMP spin-waiting on a shared, busy 2-core machine
-    # makes 2 intra-op threads much slower and noisier than 1. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# Concurrency here comes from Python threads, on one intra-op torch thread (conftest's session-wide
+# one_torch_thread): OpenMP spin-waiting on a shared, busy 2-core machine makes 2 much slower and noisier.
 
 @pytest.fixture(scope="module")
 def model():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import json
 import threading
@@ -14,20 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from mediscan.checkpoint import CheckpointError, new_metadata, save_checkpoint
+import conftest
+from conftest import tiny_model, write_tiny_checkpoint
+from mediscan.checkpoint import CheckpointError
 from mediscan.imaging import ImageReadError, read_image
-from mediscan.model import build_model
 from mediscan.ood import fit_ood
 from mediscan.predictor import (DEFAULT_CHECKPOINT, ENV_CHECKPOINT, TRAIN_COMMAND, Explanation, ModelNotFoundError,
                                 Prediction, Predictor, UnknownClassError, resolve_checkpoint_path)
-from mediscan.preprocessing import PreprocessConfig, preprocess
+from mediscan.preprocessing import preprocess
 
 CLASSES = ["bone", "brain", "heart", "lungs"]
 SIZE = 64
@@ -63,26 +62,9 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def dicom_bytes(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2", frames: int = 1) -> bytes:
-    """A minimal uncompressed 16-bit DICOM (``pixels`` (frames, H, W) or (H, W); None = no pixel data)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientName = "Test^Patient"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
+#: A minimal uncompressed 16-bit DICOM (``pixels`` (frames, H, W) or (H, W); None = no pixel data), with a
+#: patient name that must never reach a result.
+dicom_bytes = functools.partial(conftest.dicom_bytes, patient_name="Test^Patient")
 
 
 def jpeg_with_exif_orientation(upright01: np.ndarray) -> bytes:
@@ -105,13 +87,11 @@ def palette_png(image01: np.ndarray) -> bytes:
 
 def build_tiny_model():
     """Random DenseNet121 whose head favours 'bone' (bias) but still depends on the image (small weights)."""
-    torch.manual_seed(0)
-    model, source = build_model(len(CLASSES), weights="none")
-    model.eval()
+    model = tiny_model(CLASSES, seed=0)
     with torch.no_grad():
         model.head.fc.weight.mul_(0.05)
         model.head.fc.bias.copy_(torch.tensor([4.0, 0.0, -1.0, -2.0]))
-    return model, source
+    return model
 
 
 def fit_detector_on(model, images01: list[np.ndarray]):
@@ -131,15 +111,15 @@ def fit_detector_on(model, images01: list[np.ndarray]):
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """``with_ood`` (temperature 2, OOD fitted around four reference images) and ``plain`` (T=1, no OOD)."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    model, source = build_tiny_model()
+    model = build_tiny_model()
     detector = fit_detector_on(model, [xray_like(seed=k) for k in range(4)])
     metrics = {"val": {"n": 8, "accuracy": 0.75, "ece": 0.2, "ece_calibrated": 0.05},
                "test": {"n": 8, "accuracy": 0.625, "macro_f1": 0.6, "ece": 0.25, "ece_calibrated": 0.08}}
-    with_ood = new_metadata(CLASSES, PreprocessConfig(SIZE), source, temperature=TEMPERATURE,
-                            ood=detector.to_meta(), metrics=metrics)
-    plain = new_metadata(CLASSES, PreprocessConfig(SIZE), source)
-    return {"with_ood": save_checkpoint(folder / "best.safetensors", model, with_ood, detector.to_tensors()),
-            "plain": save_checkpoint(folder / "plain.safetensors", model, plain)}
+    return {"with_ood": write_tiny_checkpoint(folder / "best.safetensors", classes=CLASSES, input_size=SIZE,
+                                              model=model, detector=detector, temperature=TEMPERATURE,
+                                              metrics=metrics),
+            "plain": write_tiny_checkpoint(folder / "plain.safetensors", classes=CLASSES, input_size=SIZE,
+                                           model=model)}
 
 
 @pytest.fixture(scope="module")
