@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from mediscan.data import augment_batch, scan_dataset  # noqa: E402
 from mediscan.imaging import read_image  # noqa: E402
 from mediscan.model import build_model  # noqa: E402
 from mediscan.preprocessing import preprocess  # noqa: E402
-from mediscan.training import TrainConfig, calibrate_batchnorm, fit, select_device  # noqa: E402
+from mediscan.training import TrainConfig, calibrate_batchnorm, fit, peak_memory_summary, select_device  # noqa: E402
 
 
 def build_benchmark_dataset(source: Path, target: Path, total: int) -> None:
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
         counts = {s: sum(1 for _ in (data_dir / s).rglob("*.*")) for s in ("train", "val", "test")}
         print(f"dataset: {sum(counts.values())} images {counts}")
         fast = fast_path(data_dir, Path(tmp) / "fast", config)
-        peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        fast_memory = peak_memory_summary(device)   # before the baseline can raise the process peak
         print(f"\nfast path:      {fast['seconds']:7.1f} s   val acc {fast['val_acc']:.4f}   test acc {fast['test_acc']:.4f}")
         if not args.skip_baseline:
             plain = plain_loop(data_dir, config, args.workers)
@@ -163,8 +162,7 @@ def main(argv=None) -> int:
             print(f"val acc delta:  {100 * (fast['val_acc'] - plain['val_acc']):+.2f} points (target within 1)")
         print(f"fast wall time: {fast['seconds']:.1f} s (target <= 45 s on one H100)")
         print(f"test accuracy:  {fast['test_acc']:.4f} (target >= 0.98 with the default schedule)")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak memory:    process RSS {rss:.2f} GiB" + (f", GPU {peak_gpu:.2f} GiB (fast path)" if peak_gpu else ""))
+    print(f"peak memory:    fast path: {fast_memory}; whole benchmark: {peak_memory_summary(device)}")
     return 0
 
 

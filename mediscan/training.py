@@ -10,6 +10,8 @@ train features) and test metrics, and a report is written next to them.
 from __future__ import annotations
 
 import dataclasses
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -480,8 +482,19 @@ def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitRe
         if not best_path.exists():
             raise CheckpointError(f"training produced no {best_path} (0 epochs requested?)")
         report_path, test_metrics, notes = finalize(best_path, data, splits, config, device, history, log)
+        log(f"peak memory: {peak_memory_summary(device)}")
     return FitResult(best_path, last_path, report_path, history, test_metrics,
                      time.perf_counter() - started, notes)
+
+
+def peak_memory_summary(device: torch.device) -> str:
+    """This process's peak resident memory, plus the peak CUDA allocation when training ran on a GPU."""
+    # ru_maxrss is in KiB on Linux but in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    text = f"process RSS {rss / 2**30:.2f} GiB"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return text
 
 
 def _wrap_for_stage(model: OrganClassifier, stage: int, env: DistEnv, device: torch.device) -> nn.Module:

@@ -39,6 +39,8 @@ def test_run_writes_checkpoints_history_and_report(trained):
     report = (out / "report.md").read_text()
     assert "Not a medical device" in report and "| heart |" in report and "gradcam_gallery.png" in report
     assert any(line.startswith("epoch   4/4 stage 2") for line in lines)
+    peak = [line for line in lines if line.startswith("peak memory: process RSS ")]
+    assert peak and float(peak[0].split()[4]) > 0.05      # GiB: torch alone takes more than 50 MiB
 
 
 def test_synthetic_classes_are_learned_well_above_chance(trained):
