@@ -34,30 +34,29 @@ CSV_NAME = "predictions.csv"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="MediScan: classify an X-ray image (or a folder) with a Grad-CAM explanation.",
-        epilog="Example: python test_single_image.py chest.png --output chest_gradcam.png",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Example: python test_single_image.py chest.png --output chest_gradcam.png")
     parser.add_argument("input", type=Path, help="an image file (PNG, JPEG, TIFF, BMP, DICOM) or a folder")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint file (default: $MEDISCAN_MODEL, else models/best.safetensors)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                         help="run the network in PyTorch or in ONNX Runtime on the CPU (needs the export made by "
-                             "densenet121_xray_classifier.py --export-onnx); auto = ONNX when that export is "
-                             "up to date and ONNX Runtime is faster here")
+                             "densenet121_xray_classifier.py --export-onnx); auto (default) = ONNX when that "
+                             "export is up to date and ONNX Runtime is faster here")
     parser.add_argument("--output", type=Path, default=None,
                         help="figure path (default: <image name>_gradcam.png in the current folder)")
     parser.add_argument("--no-figure", action="store_true", help="do not save the figure")
     parser.add_argument("--explain-class", default=None, help="class to explain (default: the predicted one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay")
+    parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay (default: 0.4)")
     parser.add_argument("--uncertain-below", type=float, default=0.6,
-                        help="calibrated confidence below which the verdict is 'uncertain'")
+                        help="calibrated confidence below which the verdict is 'uncertain' (default: 0.6)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse larger images (default: the library's decompression-bomb limit)")
     folder = parser.add_argument_group("folder mode (when INPUT is a folder)")
     folder.add_argument("--csv", type=Path, default=None, help=f"results CSV (default: ./{CSV_NAME})")
     folder.add_argument("--overlays", type=Path, default=None, help="also write one overlay PNG per image here")
-    folder.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    folder.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     folder.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
