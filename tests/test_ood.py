@@ -50,6 +50,15 @@ def test_validation_images_flagged_at_most_five_percent(fitted):
     assert flagged(detector, val) <= 0.05
 
 
+@pytest.mark.parametrize("n_val", [20, 186, 199, 801])
+def test_at_most_five_percent_of_validation_flagged_for_any_size(n_val):
+    train, labels = clustered(400, 16, seed=5)
+    val, _ = clustered(n_val, 16, seed=6)
+    detector = fit_ood(train, labels, val)
+    assert flagged(detector, val) <= 0.05
+    assert flagged(detector, val) >= (math.floor(0.05 * n_val) - 1) / n_val   # and not needlessly fewer
+
+
 def test_fresh_in_distribution_features_mostly_in_scope(fitted):
     detector, _ = fitted
     fresh, _ = clustered(2000, 64, seed=2)
