@@ -125,6 +125,7 @@ class DecodedImage:
     bit_depth: int  # 8, 16 or 32
     warnings: tuple[str, ...] = ()
     modality: str | None = None  # DICOM Modality (e.g. "CR"); never any patient field
+    colourfulness: float = 0.0  # of the colour image before grayscale conversion (0 for grayscale files)
 
 
 def _fail(source: str, reason: str, problem: str, hint: str) -> ImageReadError:
@@ -258,11 +259,41 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def _finish(pixels: np.ndarray, label: str, fmt: str, bits: int, notes: list[str], modality=None) -> DecodedImage:
+def _finish(pixels: np.ndarray, label: str, fmt: str, bits: int, notes: list[str], modality=None,
+            colourfulness: float = 0.0) -> DecodedImage:
     if pixels.ndim != 2:
         raise _fail(label, "unsupported", f"decoding gave an array of shape {pixels.shape}, not a 2-D image",
                     "Export the image as a single-frame grayscale PNG.")
-    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), label, fmt, bits, tuple(notes), modality)
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), label, fmt, bits, tuple(notes), modality,
+                        colourfulness)
+
+
+# Colour is kept as a measurement, not as pixels: radiographs are grayscale, so a colourful upload (a photo,
+# a stained slide) is strong evidence that the image is out of scope whatever the classifier says.
+_COLOUR_SAMPLE_SIDE = 256  # colourfulness is a global statistic: a thumbnail measures it as well, far faster
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk's colourfulness of an (H, W, 3) RGB array in [0, 1]: 0 for gray pixels
+    (R = G = B), about 0.06 for a slightly coloured photo, 0.15 and above for an ordinary colour photo."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    red_green = rgb[..., 0] - rgb[..., 1]
+    yellow_blue = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    spread = np.hypot(red_green.std(), yellow_blue.std())
+    mean = np.hypot(red_green.mean(), yellow_blue.mean())
+    return float(spread + 0.3 * mean)
+
+
+def _pil_colourfulness(im: Image.Image) -> float:
+    """Colourfulness of a Pillow image; 0 for modes that hold no colour."""
+    if im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;16"):
+        return 0.0
+    thumb = im.copy()
+    thumb.thumbnail((_COLOUR_SAMPLE_SIDE, _COLOUR_SAMPLE_SIDE))
+    try:
+        return colourfulness(np.asarray(thumb.convert("RGB"), dtype=np.float32) / 255.0)
+    except ValueError:  # a mode Pillow cannot turn into RGB: the grayscale conversion reports it
+        return 0.0
 
 
 # ----------------------------------------------------------------------------- Pillow
@@ -340,12 +371,13 @@ def _decode_pil(data: bytes, label: str, max_pixels: int, min_side: int) -> Deco
             im = ImageOps.exif_transpose(im)
         except Exception as exc:  # bad EXIF must not reject a good image, but say so
             notes.append(f"EXIF orientation ignored (unreadable: {_short(exc)})")
+        colour = _pil_colourfulness(im)
         pixels, bits = _pil_to_gray(im, label)
     except ImageReadError:
         raise
     except Exception as exc:
         raise _classify_pil_error(exc, label) from None
-    return _finish(pixels, label, fmt, bits, notes)
+    return _finish(pixels, label, fmt, bits, notes, colourfulness=colour)
 
 
 def _pil_to_gray(im: Image.Image, label: str) -> tuple[np.ndarray, int]:
@@ -443,6 +475,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
         modality = _clean_label(ds.get("Modality", "") or "").strip() or None
         arr = _first_frame(ds, frames)
+        colour = 0.0
         if photometric == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
             samples = 3
@@ -452,7 +485,11 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
             if photometric == "MONOCHROME1":
                 arr = -arr.astype(np.float64)  # MONOCHROME1: low = white; flip so bone is bright
         else:  # RGB (pydicom >= 3 has already converted YBR to RGB)
-            arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            rgb = arr[..., :3].astype(np.float64)
+            step = max(1, max(rows, cols) // _COLOUR_SAMPLE_SIDE)
+            full_scale = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
+            colour = colourfulness(rgb[::step, ::step] / full_scale)
+            arr = rgb @ np.array([0.299, 0.587, 0.114])
         pixels = _stretch(arr)
         bits = int(ds.get("BitsAllocated", 16) or 16)
     except ImageReadError:
@@ -464,7 +501,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
         raise _fail(label, "corrupt", f"the DICOM data cannot be decoded ({_short(exc)})",
                     f"Check the file in a DICOM viewer, or {export}.") from None
     notes = [f"multi-frame DICOM: using frame 1 of {frames}"] if frames > 1 else []
-    return _finish(pixels, label, "DICOM", 8 if bits <= 8 else 16 if bits <= 16 else 32, notes, modality)
+    return _finish(pixels, label, "DICOM", 8 if bits <= 8 else 16 if bits <= 16 else 32, notes, modality,
+                   colourfulness=colour)
 
 
 def _first_frame(ds, frames: int) -> np.ndarray:

@@ -23,9 +23,10 @@ see :mod:`mediscan.onnx_backend`). Everything around the network is the same cod
 
 Verdicts (in this order):
 
-* ``out_of_scope`` -- the out-of-scope detector stored in the checkpoint says the image does not
-  resemble the training images (a photo, a blank page, another kind of scan ...). Checkpoints without
-  detector statistics never give this verdict (:meth:`Predictor.model_card` says so).
+* ``out_of_scope`` -- the file is a colour image (colourfulness above ``COLOUR_LIMIT``: radiographs are
+  grayscale), or the out-of-scope detector stored in the checkpoint says the image does not resemble the
+  training images (a photo, a blank page, another kind of scan ...). Checkpoints without detector
+  statistics apply only the colour check (:meth:`Predictor.model_card` says so).
 * ``uncertain`` -- the temperature-calibrated confidence is below ``uncertain_below``.
 * ``confident`` -- otherwise.
 """
@@ -50,7 +51,7 @@ from .ood import OODDetector
 from .preprocessing import CropGeometry, preprocess
 
 __all__ = [
-    "DEFAULT_CHECKPOINT", "ENV_CHECKPOINT", "TRAIN_COMMAND", "VERDICTS",
+    "COLOUR_LIMIT", "DEFAULT_CHECKPOINT", "ENV_CHECKPOINT", "TRAIN_COMMAND", "VERDICTS",
     "ModelNotFoundError", "UnknownClassError", "Prediction", "Explanation", "Predictor",
     "resolve_checkpoint_path",
 ]
@@ -62,6 +63,10 @@ ENV_CHECKPOINT = "MEDISCAN_MODEL"
 TRAIN_COMMAND = "python densenet121_xray_classifier.py --data dataset --out models"
 VERDICTS = ("confident", "uncertain", "out_of_scope")
 DEFAULT_UNCERTAIN_BELOW = 0.6
+#: Colourfulness (:func:`mediscan.imaging.colourfulness`) above which an upload is out of scope. Gray
+#: pixels score 0 and JPEG chroma noise on a gray image stays near 0.01; ordinary colour photos score 0.15
+#: and more. 0.1 leaves room for a faint tint (a scanned film) and for small coloured annotations.
+COLOUR_LIMIT = 0.1
 
 ImageInput = Any  # str | os.PathLike | bytes | binary file-like | DecodedImage
 
@@ -287,14 +292,16 @@ class Predictor:
         test, val = _split_metrics(metrics, "test"), _split_metrics(metrics, "val")
         calibration = test or val
         ood_meta = self.meta.get("ood") or {}
+        colour_line = f"Colour images (colourfulness > {COLOUR_LIMIT:g}) are out of scope: X-rays are grayscale."
         if self.ood is not None:
             held_out = "validation" if self.ood.threshold_from == "validation" else "held-out training"
             ood_line = (f"Images whose features lie further from the training images than "
                         f"{self.ood.percentile:g}% of {held_out} images (Mahalanobis score > "
-                        f"{self.ood.threshold:.3g}) are reported as out of scope.")
+                        f"{self.ood.threshold:.3g}) are reported as out of scope. {colour_line}")
         else:
-            ood_line = ("This checkpoint has no out-of-scope statistics: every image, even a photo of a cat, "
-                        "gets one of the organ classes. Retrain to add the out-of-scope check.")
+            ood_line = (f"This checkpoint has no out-of-scope statistics, so only the colour check applies: "
+                        f"{colour_line} Any grayscale image, even a photo of a page of text, gets one of the "
+                        f"organ classes. Retrain to add the out-of-scope check.")
         return {
             "classes": list(self.classes),
             "checkpoint": str(self.checkpoint_path),
@@ -416,14 +423,20 @@ class Predictor:
         confidence = float(probs[top])
         score = None if scores is None else float(scores[row])
         flagged = bool(flags[row]) if flags is not None else False
-        verdict, reason = self._verdict(self.classes[top], confidence, score, flagged)
+        verdict, reason = self._verdict(self.classes[top], confidence, score, flagged, decoded.colourfulness)
         timings = dict(timings)
         timings["total"] = _ms_since(started) if started is not None else sum(timings.values())
         return Prediction(decoded.source, self.classes, probabilities, self.classes[top], confidence,
                           verdict, reason, score, timings, tuple(decoded.warnings))
 
-    def _verdict(self, top_class: str, confidence: float, score: float | None, flagged: bool) -> tuple[str, str]:
+    def _verdict(self, top_class: str, confidence: float, score: float | None, flagged: bool,
+                 colour: float = 0.0) -> tuple[str, str]:
         percent = f"{confidence:.0%}"
+        if colour > COLOUR_LIMIT:
+            return "out_of_scope", (
+                f"This is a colour image (colourfulness {colour:.2f}, above {COLOUR_LIMIT:g}) and X-rays are "
+                f"grayscale, so the '{top_class}' prediction should not be trusted. Upload the original "
+                f"grayscale radiograph.")
         if flagged:
             return "out_of_scope", (
                 f"This image does not resemble the X-rays the model was trained on (out-of-scope score "

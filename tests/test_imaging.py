@@ -208,6 +208,26 @@ def test_rgb_becomes_luminance():
     assert img.pixels[0, -1] == pytest.approx(76 / 255)
 
 
+def test_colourfulness_is_measured_before_the_grayscale_conversion():
+    from mediscan.imaging import colourfulness
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    assert read_image(pil_bytes(Image.fromarray(gray), "PNG")).colourfulness == 0.0
+    assert read_image(pil_bytes(Image.fromarray(np.stack([gray] * 3, -1)), "PNG")).colourfulness == 0.0
+    # JPEG chroma noise on gray content stays near zero ...
+    jpeg_gray = read_image(pil_bytes(Image.fromarray(np.stack([gray] * 3, -1)), "JPEG")).colourfulness
+    assert jpeg_gray < 0.03
+    # ... while colour content scores what the metric says, also through a palette PNG.
+    colour = RNG.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    expected = colourfulness(colour / 255.0)
+    assert expected > 0.3
+    assert read_image(pil_bytes(Image.fromarray(colour), "PNG")).colourfulness == pytest.approx(expected, rel=1e-5)
+    palette = Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    assert read_image(pil_bytes(palette, "PNG")).colourfulness > 0.2
+    # A uniform tint counts through the mean term: pure red is colourful, mid gray is not.
+    assert colourfulness(np.tile([1.0, 0.0, 0.0], (4, 4, 1))) == pytest.approx(0.3 * np.hypot(1.0, 0.5))
+    assert colourfulness(np.full((4, 4, 3), 0.5)) == 0.0
+
+
 def test_rgba_is_composited_onto_black():
     rgba = np.zeros((H, W, 4), np.uint8)
     rgba[..., :3] = 200
@@ -348,6 +368,9 @@ def test_dicom_rgb_becomes_grayscale():
     img = read_image(make_dicom(rgb, photometric="RGB"))
     check_output(img)
     np.testing.assert_allclose(img.pixels, stretched(rgb @ np.array([0.299, 0.587, 0.114])), atol=1e-5)
+    assert img.colourfulness > 0.3
+    gray = np.repeat(rgb[..., :1], 3, axis=-1)
+    assert read_image(make_dicom(gray, photometric="RGB")).colourfulness == 0.0
 
 
 def test_dicom_without_pixel_data():

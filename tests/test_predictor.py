@@ -277,11 +277,33 @@ def test_verdict_rules(predictor, reference_png, reference_prediction):
     assert relaxed.predict(reference_png).verdict == "confident"
 
 
-def test_without_ood_statistics_never_out_of_scope(plain_predictor):
+def test_without_ood_statistics_only_colour_is_out_of_scope(plain_predictor, reference_image):
     assert plain_predictor.ood is None
     noise = np.random.default_rng(2).integers(0, 256, (H, W), dtype=np.uint8)
     p = plain_predictor.predict(encode(Image.fromarray(noise), "PNG"))
     assert p.verdict != "out_of_scope" and p.ood_score is None
+    assert plain_predictor.predict(tinted_png(reference_image)).verdict == "out_of_scope"
+
+
+def tinted_png(image01: np.ndarray) -> bytes:
+    """The image as an orange-and-blue duotone: the same structure, unmistakably a colour picture."""
+    gray = to_u8(image01).astype(np.float32)
+    rgb = np.stack([gray, 0.6 * gray, 255 - gray], -1)
+    return encode(Image.fromarray(rgb.astype(np.uint8)), "PNG")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_colour_images_are_out_of_scope_whatever_the_detector_says(predictor, reference_image, fmt):
+    relaxed = copy.copy(predictor)
+    relaxed.ood = dataclasses.replace(predictor.ood, threshold=float("inf"))   # the detector passes everything
+    coloured = tinted_png(reference_image)
+    if fmt == "JPEG":
+        coloured = encode(Image.open(io.BytesIO(coloured)), "JPEG", quality=85)
+    p = relaxed.predict(coloured)
+    assert p.verdict == "out_of_scope" and "colour image" in p.verdict_reason and "grayscale" in p.verdict_reason
+    # The same gray pixels in an RGB JPEG (chroma noise from compression) are not a colour image.
+    gray_rgb = encode(Image.fromarray(np.stack([to_u8(reference_image)] * 3, -1)), "JPEG", quality=85)
+    assert relaxed.predict(gray_rgb).verdict != "out_of_scope"
 
 
 # --------------------------------------------------------------------------------------------------
