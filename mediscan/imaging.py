@@ -270,7 +270,10 @@ def _finish(pixels: np.ndarray, label: str, fmt: str, bits: int, notes: list[str
 
 # Colour is kept as a measurement, not as pixels: radiographs are grayscale, so a colourful upload (a photo,
 # a stained slide) is strong evidence that the image is out of scope whatever the classifier says.
-_COLOUR_SAMPLE_SIDE = 256  # colourfulness is a global statistic: a thumbnail measures it as well, far faster
+# Colourfulness is a global statistic, so every k-th pixel estimates it: a nearest-neighbour subsample
+# keeps pixel values as they are (a box-filtered thumbnail would average colour noise away) and costs ~4 ms
+# on a 9-megapixel photo instead of ~50.
+_COLOUR_SAMPLE_SIDE = 256
 
 
 def colourfulness(rgb: np.ndarray) -> float:
@@ -288,10 +291,10 @@ def _pil_colourfulness(im: Image.Image) -> float:
     """Colourfulness of a Pillow image; 0 for modes that hold no colour."""
     if im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;16"):
         return 0.0
-    thumb = im.copy()
-    thumb.thumbnail((_COLOUR_SAMPLE_SIDE, _COLOUR_SAMPLE_SIDE))
+    step = max(1, max(im.size) // _COLOUR_SAMPLE_SIDE)
+    sample = im.resize((max(1, im.width // step), max(1, im.height // step)), Image.Resampling.NEAREST)
     try:
-        return colourfulness(np.asarray(thumb.convert("RGB"), dtype=np.float32) / 255.0)
+        return colourfulness(np.asarray(sample.convert("RGB"), dtype=np.float32) / 255.0)
     except ValueError:  # a mode Pillow cannot turn into RGB: the grayscale conversion reports it
         return 0.0
 
