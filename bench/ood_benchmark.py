@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mediscan.imaging import ImageReadError, looks_like_image_file, read_image  # noqa: E402
-from mediscan.predictor import COLOUR_LIMIT, Predictor  # noqa: E402
+from mediscan.predictor import Predictor  # noqa: E402
 
 SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon", "page", "text",
                    "horse", "clock", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass",
@@ -197,7 +197,7 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
     print(f"  {'all':16s} flagged out_of_scope: {percent(flagged_ood, len(ood_results))}   "
           f"goal >= 95%: {goal(has_ood and flagged_ood >= 0.95 * len(ood_results))}")
     # Which of the two checks carries the figure: the colour check alone, and the feature detector alone.
-    colour = [read_image(s.data).colourfulness > COLOUR_LIMIT for s in ood_samples]
+    colour = [read_image(s.data).is_colour for s in ood_samples]
     if has_ood:
         by_features = [r.ood_score > predictor.ood.threshold for r in ood_results]
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))}; Mahalanobis detector alone "
@@ -228,7 +228,8 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
     msp_flagged = int((ood_conf < threshold).sum())
     print(f"  baseline {rule}")
     print(f"  baseline flags {percent(msp_flagged, len(ood_conf))} of out-of-scope images; "
-          f"MediScan (colour check + detector) flags {percent(flagged_ood, len(ood_results)) if has_ood else 'n/a (no OOD statistics)'}")
+          f"MediScan (colour check + detector) flags "
+          f"{percent(flagged_ood, len(ood_results)) if has_ood else 'n/a (no OOD statistics)'}")
     if val_ok:
         msp_auc = auroc(-val_conf, -ood_conf)
         line = f"  AUROC val vs out-of-scope: max-softmax {msp_auc:.3f}"

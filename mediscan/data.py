@@ -45,6 +45,7 @@ class DatasetSplits:
     test: list[Sample]
     val_from_train: bool = False
     skipped: list[str] = field(default_factory=list)          # "path: reason" of files left out
+    colour: list[str] = field(default_factory=list)           # colour pictures (no radiograph is one)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # identical files in two splits
     fingerprint: dict = field(default_factory=dict)
 
@@ -63,6 +64,7 @@ class TensorSplit:
     images: torch.Tensor
     labels: torch.Tensor
     paths: list[Path]
+    colour_paths: list[Path] = field(default_factory=list)   # files that were colour pictures
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -197,14 +199,14 @@ def load_split(samples: list[Sample], input_size: int, *, workers: int = 2, skip
     """
     def decode(sample: Sample):
         try:
-            pixels = read_image(sample.path).pixels
+            decoded = read_image(sample.path)
         except ImageReadError as exc:
-            return sample, None, str(exc)
-        return sample, crop_and_resize(pixels, input_size), None
+            return sample, None, False, str(exc)
+        return sample, crop_and_resize(decoded.pixels, input_size), decoded.is_colour, None
 
-    kept, arrays, bad = [], [], []
+    kept, arrays, bad, colour = [], [], [], []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for sample, array, error in pool.map(decode, samples):
+        for sample, array, is_colour, error in pool.map(decode, samples):
             if progress is not None:
                 progress.update(1)
             if error:
@@ -212,6 +214,8 @@ def load_split(samples: list[Sample], input_size: int, *, workers: int = 2, skip
             else:
                 kept.append(sample)
                 arrays.append(array)
+                if is_colour:
+                    colour.append(sample.path)
     if bad and not skip_bad:
         raise DatasetError(f"{len(bad)} file(s) could not be read:\n  - " + "\n  - ".join(bad) +
                            "\n(--skip-bad leaves them out and lists them)")
@@ -221,7 +225,7 @@ def load_split(samples: list[Sample], input_size: int, *, workers: int = 2, skip
     else:
         images = torch.empty(0, 1, input_size, input_size)
     labels = torch.tensor([s.label for s in kept], dtype=torch.long)
-    return TensorSplit(images, labels, [s.path for s in kept]), bad
+    return TensorSplit(images, labels, [s.path for s in kept], colour), bad
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None, *,

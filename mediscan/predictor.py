@@ -23,9 +23,9 @@ see :mod:`mediscan.onnx_backend`). Everything around the network is the same cod
 
 Verdicts (in this order):
 
-* ``out_of_scope`` -- the file is a colour image (colourfulness above ``COLOUR_LIMIT``: radiographs are
-  grayscale), or the out-of-scope detector stored in the checkpoint says the image does not resemble the
-  training images (a photo, a blank page, another kind of scan ...). Checkpoints without detector
+* ``out_of_scope`` -- the file is a colour image (colourfulness above ``mediscan.imaging.COLOUR_LIMIT``:
+  radiographs are grayscale), or the out-of-scope detector stored in the checkpoint says the image does not
+  resemble the training images (a photo, a blank page, another kind of scan ...). Checkpoints without detector
   statistics apply only the colour check (:meth:`Predictor.model_card` says so).
 * ``uncertain`` -- the temperature-calibrated confidence is below ``uncertain_below``.
 * ``confident`` -- otherwise.
@@ -45,13 +45,13 @@ import torch
 
 from . import NOT_FOR_CLINICAL_USE, __version__
 from .checkpoint import CheckpointError, load_checkpoint
-from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
+from .imaging import COLOUR_LIMIT, DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
 from .onnx_backend import backend_device, select_backend
 from .ood import OODDetector
 from .preprocessing import CropGeometry, preprocess
 
 __all__ = [
-    "COLOUR_LIMIT", "DEFAULT_CHECKPOINT", "ENV_CHECKPOINT", "TRAIN_COMMAND", "VERDICTS",
+    "DEFAULT_CHECKPOINT", "ENV_CHECKPOINT", "TRAIN_COMMAND", "VERDICTS",
     "ModelNotFoundError", "UnknownClassError", "Prediction", "Explanation", "Predictor",
     "resolve_checkpoint_path",
 ]
@@ -63,10 +63,6 @@ ENV_CHECKPOINT = "MEDISCAN_MODEL"
 TRAIN_COMMAND = "python densenet121_xray_classifier.py --data dataset --out models"
 VERDICTS = ("confident", "uncertain", "out_of_scope")
 DEFAULT_UNCERTAIN_BELOW = 0.6
-#: Colourfulness (:func:`mediscan.imaging.colourfulness`) above which an upload is out of scope. Gray
-#: pixels score 0 and JPEG chroma noise on a gray image stays near 0.01; ordinary colour photos score 0.15
-#: and more. 0.1 leaves room for a faint tint (a scanned film) and for small coloured annotations.
-COLOUR_LIMIT = 0.1
 
 ImageInput = Any  # str | os.PathLike | bytes | binary file-like | DecodedImage
 
@@ -423,18 +419,19 @@ class Predictor:
         confidence = float(probs[top])
         score = None if scores is None else float(scores[row])
         flagged = bool(flags[row]) if flags is not None else False
-        verdict, reason = self._verdict(self.classes[top], confidence, score, flagged, decoded.colourfulness)
+        verdict, reason = self._verdict(self.classes[top], confidence, score, flagged, decoded)
         timings = dict(timings)
         timings["total"] = _ms_since(started) if started is not None else sum(timings.values())
         return Prediction(decoded.source, self.classes, probabilities, self.classes[top], confidence,
                           verdict, reason, score, timings, tuple(decoded.warnings))
 
     def _verdict(self, top_class: str, confidence: float, score: float | None, flagged: bool,
-                 colour: float = 0.0) -> tuple[str, str]:
+                 decoded: DecodedImage) -> tuple[str, str]:
         percent = f"{confidence:.0%}"
-        if colour > COLOUR_LIMIT:
+        if decoded.is_colour:
             return "out_of_scope", (
-                f"This is a colour image (colourfulness {colour:.2f}, above {COLOUR_LIMIT:g}) and X-rays are "
+                f"This is a colour image (colourfulness {decoded.colourfulness:.2f}, above {COLOUR_LIMIT:g}) "
+                f"and X-rays are "
                 f"grayscale, so the '{top_class}' prediction should not be trusted. Upload the original "
                 f"grayscale radiograph.")
         if flagged:

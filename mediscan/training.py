@@ -10,7 +10,6 @@ train features) and test metrics, and a report is written next to them.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -345,7 +344,17 @@ def describe_dataset(splits: DatasetSplits, config: TrainConfig) -> list[str]:
                      + (" ..." if len(splits.duplicates) > 5 else ""))
     if splits.skipped:
         lines.append(f"skipped {len(splits.skipped)} bad file(s): " + "; ".join(splits.skipped[:10]))
+    if splits.colour:
+        lines.append(colour_warning(splits.colour))
     return lines
+
+
+def colour_warning(paths: list[str]) -> str:
+    """Colour pictures train like any image, but every predictor answers a colour upload with
+    ``out_of_scope`` (radiographs are grayscale): say so before the user wonders why."""
+    return (f"WARNING: {len(paths)} image(s) are colour pictures, not grayscale X-rays (e.g. "
+            f"{'; '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}). They are trained on in grayscale, but "
+            f"MediScan reports colour uploads as out of scope: save your X-rays as grayscale.")
 
 
 def load_tensors(splits: DatasetSplits, config: TrainConfig, log: Callable[[str], None]) -> dict[str, TensorSplit]:
@@ -357,12 +366,15 @@ def load_tensors(splits: DatasetSplits, config: TrainConfig, log: Callable[[str]
         split, bad = load_split(splits.split(name), config.input_size, workers=config.workers, skip_bad=True)
         tensors[name] = split
         bad_all += bad
+        splits.colour += [str(path) for path in split.colour_paths]
     if bad_all and not config.skip_bad:
         raise DatasetError(f"{len(bad_all)} file(s) could not be read:\n  - " + "\n  - ".join(bad_all)
                            + "\n(--skip-bad leaves them out and lists them)")
     splits.skipped += bad_all
     log(f"decoded {total - len(bad_all)} images in {time.perf_counter() - started:.1f}s"
         + (f", skipped {len(bad_all)} unreadable" if bad_all else ""))
+    if splits.colour:
+        log(colour_warning(splits.colour))
     for name, split in tensors.items():
         if name != "test" and len(split) == 0:
             raise DatasetError(f"the {name} split has no readable images")
@@ -489,9 +501,14 @@ def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitRe
 
 def peak_memory_summary(device: torch.device) -> str:
     """This process's peak resident memory, plus the peak CUDA allocation when training ran on a GPU."""
-    # ru_maxrss is in KiB on Linux but in bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    text = f"process RSS {rss / 2**30:.2f} GiB"
+    try:
+        import resource                      # POSIX only
+    except ImportError:
+        text = "process RSS not measured on this platform"
+    else:
+        # ru_maxrss is in KiB on Linux but in bytes on macOS.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        text = f"process RSS {rss / 2**30:.2f} GiB"
     if device.type == "cuda":
         text += f", GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     return text

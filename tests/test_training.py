@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,22 @@ def test_evaluate_alone_in_a_fresh_process(trained, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["test"]
     assert metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
     assert "Not a medical device" in (out / "report.md").read_text()
+
+
+def test_colour_training_images_are_named_in_the_log_and_the_report_notes(tmp_path):
+    from PIL import Image
+
+    from mediscan.training import describe_dataset, load_tensors
+    # One training image recoloured: the same structure in an orange-and-blue duotone.
+    data = make_dataset(tmp_path / "dataset", per_class=3)
+    gray = np.asarray(Image.open(data / "train" / "heart" / "heart_train_0.png"))
+    tinted = np.stack([gray, gray // 2, 255 - gray], -1).astype(np.uint8)
+    Image.fromarray(tinted).save(data / "train" / "heart" / "heart_train_0.png")
+    config = TrainConfig(data=str(data), out=str(tmp_path / "m"), **FAST)
+    splits, lines = scan_dataset(data), []
+    tensors = load_tensors(splits, config, lines.append)
+    assert tensors["train"].colour_paths == [data / "train" / "heart" / "heart_train_0.png"]
+    assert tensors["val"].colour_paths == [] and len(tensors["train"]) == 12      # still trained on
+    warning = [line for line in lines if line.startswith("WARNING: 1 image(s) are colour pictures")]
+    assert warning and "heart_train_0.png" in warning[0] and "out of scope" in warning[0]
+    assert warning[0] in describe_dataset(splits, config)
