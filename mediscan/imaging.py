@@ -488,9 +488,13 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
         modality = _clean_label(ds.get("Modality", "") or "").strip() or None
         arr = _first_frame(ds, frames)
         colour = 0.0
+        colour_bits = int(ds.get("BitsStored", 8) or 8)  # full scale of the RGB values below
         if photometric == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
             samples = 3
+            # The RGB values now come from the lookup table, whose entry size (8 or 16 bits) is the third
+            # number of its descriptor; BitsStored describes the palette indices.
+            colour_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         if samples == 1:
             arr = apply_modality_lut(arr, ds)  # stored values -> e.g. Hounsfield units
             arr = apply_voi_lut(arr, ds, index=0)  # VOI LUT, else WindowCenter/Width
@@ -499,8 +503,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
         else:  # RGB (pydicom >= 3 has already converted YBR to RGB)
             rgb = arr[..., :3].astype(np.float64)
             step = max(1, max(rows, cols) // _COLOUR_SAMPLE_SIDE)
-            full_scale = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
-            colour = colourfulness(rgb[::step, ::step] / full_scale)
+            colour = colourfulness(rgb[::step, ::step] / float(2 ** colour_bits - 1))
             arr = rgb @ np.array([0.299, 0.587, 0.114])
         pixels = _stretch(arr)
         bits = int(ds.get("BitsAllocated", 16) or 16)

@@ -25,6 +25,7 @@ from mediscan.imaging import (
     SUPPORTED_SUFFIXES,
     DecodedImage,
     ImageReadError,
+    colourfulness,
     looks_like_image_file,
     read_image,
 )
@@ -209,7 +210,6 @@ def test_rgb_becomes_luminance():
 
 
 def test_colourfulness_is_measured_before_the_grayscale_conversion():
-    from mediscan.imaging import colourfulness
     gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
     assert read_image(pil_bytes(Image.fromarray(gray), "PNG")).colourfulness == 0.0
     assert read_image(pil_bytes(Image.fromarray(np.stack([gray] * 3, -1)), "PNG")).colourfulness == 0.0
@@ -371,6 +371,21 @@ def test_dicom_rgb_becomes_grayscale():
     assert img.colourfulness > 0.3
     gray = np.repeat(rgb[..., :1], 3, axis=-1)
     assert read_image(make_dicom(gray, photometric="RGB")).colourfulness == 0.0
+
+
+@pytest.mark.parametrize("lut_bits", [8, 16])
+def test_dicom_palette_colour_is_measured_on_the_lookup_table_scale(lut_bits):
+    indices = (np.arange(H * W) % 4).reshape(H, W).astype(np.uint8)
+    top = 2 ** lut_bits - 1
+    red, green, blue = ([top, 0, 0, top], [0, top, 0, top], [0, 0, top, top])   # red, green, blue, white
+    dtype = np.uint8 if lut_bits == 8 else np.uint16
+    lut = {f"{name}PaletteColorLookupTableDescriptor": [4, 0, lut_bits] for name in ("Red", "Green", "Blue")}
+    lut.update({f"{name}PaletteColorLookupTableData": np.array(values, dtype).tobytes()
+                for name, values in (("Red", red), ("Green", green), ("Blue", blue))})
+    img = read_image(make_dicom(indices, photometric="PALETTE COLOR", bits_stored=8, **lut))
+    check_output(img)
+    rgb = np.stack([np.array(c)[indices] for c in (red, green, blue)], -1) / top
+    assert img.colourfulness == pytest.approx(colourfulness(rgb), rel=1e-4)    # same value at 8 and 16 bits
 
 
 def test_dicom_without_pixel_data():
