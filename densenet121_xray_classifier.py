@@ -14,6 +14,11 @@ Continue an interrupted run, or evaluate a checkpoint on dataset/test alone:
     python densenet121_xray_classifier.py --data dataset --out models --resume
     python densenet121_xray_classifier.py --evaluate models/best.safetensors --data dataset
 
+Refit the out-of-scope statistics of a checkpoint from an older MediScan (no retraining; predictions
+do not change):
+
+    python densenet121_xray_classifier.py --refit-ood models/best.safetensors --data dataset
+
 Export a checkpoint for the optional ONNX Runtime CPU backend (writes models/best.onnx; checks parity):
 
     python densenet121_xray_classifier.py --export-onnx models/best.safetensors
@@ -36,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=d.data, help="dataset folder with train/ [val/] test/, one sub-folder per class")
     p.add_argument("--out", default=None,
-                   help=f"output folder (default: {d.out} when training, <checkpoint folder>/evaluation with --evaluate)")
+                   help=f"output folder (default: {d.out} when training, <checkpoint folder>/evaluation with "
+                        f"--evaluate, the checkpoint itself with --refit-ood)")
     p.add_argument("--weights", default=d.weights,
                    help="starting weights: a torchxrayvision DenseNet121 name, a local .pt / CheXNet model.pth.tar, or 'none'")
     p.add_argument("--weights-cache", default=d.weights_cache, help="folder for downloaded weights (default: ~/.torchxrayvision)")
@@ -61,6 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (log lines only)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery in the report")
     p.add_argument("--evaluate", metavar="CHECKPOINT", help="only evaluate CHECKPOINT on <data>/test and write a report")
+    p.add_argument("--refit-ood", metavar="CHECKPOINT",
+                   help="only refit CHECKPOINT's out-of-scope statistics on <data> train/val (no retraining)")
     p.add_argument("--export-onnx", metavar="CHECKPOINT",
                    help="only export CHECKPOINT to ONNX for the Predictor's ONNX Runtime backend")
     p.add_argument("--onnx-out", metavar="PATH", default=None,
@@ -82,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             done = export_onnx(args.export_onnx, args.onnx_out)
             print(f"onnx: {done.path} (checkpoint sha256 {done.checkpoint_sha256[:12]}..., max probability "
                   f"difference vs PyTorch {done.max_probability_difference:.1e})")
+            return EXIT_OK
+        if args.refit_ood:
+            from mediscan.refit import refit_ood
+            target, _ = refit_ood(args.refit_ood, args.data, out=args.out, batch_size=args.batch_size,
+                                  workers=args.workers, device=args.device, skip_bad=args.skip_bad)
+            from mediscan.onnx_backend import export_command, onnx_path_for
+            if onnx_path_for(target).is_file():
+                print(f"note: {onnx_path_for(target)} is now stale; re-export it with\n    {export_command(target)}")
             return EXIT_OK
         if args.evaluate:
             from mediscan.evaluation import evaluate_checkpoint

@@ -67,7 +67,7 @@ class CamResult:
 # --------------------------------------------------------------------------------------------------
 
 def grad_cam(model: nn.Module, inputs: torch.Tensor, classes=None, *, method: str = "gradcam",
-             target_layer: str | nn.Module | None = None) -> CamResult:
+             target_layer: str | nn.Module | None = None, feature_map: torch.Tensor | None = None) -> CamResult:
     """Explain a batch: class-activation maps for the chosen classes, with the logits of the same pass.
 
     Args:
@@ -81,6 +81,9 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, classes=None, *, method: st
             otherwise a module path (``"features.denseblock4.denselayer16.conv2"``) or an ``nn.Module`` of
             ``model`` -> general gradient path (passing the ``model.head.relu`` module itself runs the
             general path on the final map, which must agree with the fast path).
+        feature_map: fast path only: ``model.features(inputs)``, when the caller has already run the
+            backbone (e.g. to read intermediate layers in the same pass); the map is then computed from
+            it without another forward pass.
 
     Returns:
         :class:`CamResult` with CPU tensors.
@@ -95,8 +98,11 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, classes=None, *, method: st
     if device is not None:
         inputs = inputs.to(device)
 
-    if target_layer is None or (isinstance(target_layer, str) and target_layer == DEFAULT_TARGET):
-        logits, class_indices, raw, pooled = _fast_path(model, inputs, classes, method)
+    fast = target_layer is None or (isinstance(target_layer, str) and target_layer == DEFAULT_TARGET)
+    if feature_map is not None and not fast:
+        raise ValueError("feature_map is the final feature map: it only serves the default target layer")
+    if fast:
+        logits, class_indices, raw, pooled = _fast_path(model, inputs, classes, method, feature_map)
     else:
         layer = _resolve_layer(model, target_layer)
         logits, class_indices, raw = _general_path(model, inputs, classes, method, layer)
@@ -112,12 +118,17 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, classes=None, *, method: st
 # Fast path: closed-form weights on the final feature map
 # --------------------------------------------------------------------------------------------------
 
-def _fast_path(model, inputs, classes, method):
+def _fast_path(model, inputs, classes, method, feature_map=None):
     fc = model.head.fc
     with torch.no_grad():
         # Same ops as the head (ReLU -> adaptive average pool -> Linear; dropout is the identity in eval),
         # written functionally so this pass triggers no hooks other callers may have on head modules.
-        activations = F.relu(model.features(inputs))                    # (B, C, h, w)
+        if feature_map is None:
+            feature_map = model.features(inputs)
+        elif feature_map.ndim != 4 or feature_map.shape[0] != inputs.shape[0]:
+            raise ValueError(f"feature_map must be (B, C, h, w) for the {inputs.shape[0]} inputs, "
+                             f"got {tuple(feature_map.shape)}")
+        activations = F.relu(feature_map)                               # (B, C, h, w)
         pooled = F.adaptive_avg_pool2d(activations, 1).flatten(1)      # (B, C)
         logits = fc(pooled)
         class_indices = _class_indices(classes, logits)

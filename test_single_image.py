@@ -131,7 +131,7 @@ def print_report(explanation, figure: Path | None, predictor) -> None:
     print(probability_table(p.probabilities, p.top_class))
     print()
     if p.ood_score is not None:
-        print(f"Out-of-scope score: {p.ood_score:.1f} (limit {predictor.ood.threshold:.1f})")
+        print(f"Out-of-scope score: {p.ood_score:.2f} (limit {predictor.ood.threshold:.2f})")
     for warning in p.warnings:
         print(f"Warning: {warning}")
     if explanation.faithfulness:

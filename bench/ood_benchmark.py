@@ -167,6 +167,22 @@ def goal(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def layer_flags(predictor: Predictor, samples: list[Sample]) -> dict[str, np.ndarray]:
+    """Per detector layer: which images that layer's relative distance alone puts above the threshold
+    (the detector flags an image when any layer does). One extra forward pass over ``samples``."""
+    import torch
+    from mediscan.preprocessing import preprocess
+    flags: dict[str, list] = {name: [] for name in predictor.ood.layer_names}
+    for start in range(0, len(samples), 16):
+        batch = torch.stack([preprocess(read_image(s.data).pixels, predictor.input_size)[0]
+                             for s in samples[start:start + 16]])
+        with torch.no_grad():
+            _, pooled = predictor.net.tapped_features(batch.to(predictor.device), predictor.ood.layer_names)
+        for name, scores in predictor.ood.layer_scores(pooled).items():
+            flags[name].append((scores > predictor.ood.threshold).numpy())
+    return {name: np.concatenate(chunks) for name, chunks in flags.items()}
+
+
 def run_predictions(predictor: Predictor, items: list, names: list[str], batch_size: int):
     started = time.perf_counter()
     results = predictor.predict_many(items, batch_size=batch_size, names=names)
@@ -181,7 +197,7 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
     if args.list:
         print(f"\n{'image':34s} {'group':15s} {'verdict':13s} {'class':8s} {'conf':>6s} {'ood score':>10s}")
         for sample, r in zip(ood_samples, ood_results):
-            score = "-" if r.ood_score is None else f"{r.ood_score:10.1f}"
+            score = "-" if r.ood_score is None else f"{r.ood_score:10.2f}"
             print(f"{sample.name:34s} {sample.group:15s} {r.verdict:13s} {r.top_class:8s} "
                   f"{r.confidence:6.1%} {score:>10s}")
 
@@ -202,6 +218,8 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
         by_features = [r.ood_score > predictor.ood.threshold for r in ood_results]
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))}; Mahalanobis detector alone "
               f"flags {percent(sum(by_features), len(by_features))}")
+        for layer, flags in layer_flags(predictor, ood_samples).items():
+            print(f"  {'  layer ' + layer:16s} above the threshold on its own: {percent(int(flags.sum()), len(flags))}")
     else:
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))} (the only check here)")
 
@@ -248,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {predictor.checkpoint_path} | classes {', '.join(predictor.classes)} | input "
           f"{predictor.input_size}px | temperature {predictor.temperature:.3f} | weights {card['weight_source']}")
     if predictor.ood is not None:
-        print(f"detector: Mahalanobis, threshold {predictor.ood.threshold:.2f} "
+        layers = ", ".join(f"{name} (shrinkage {layer.shrinkage:.3f})" for name, layer in predictor.ood.layers.items())
+        print(f"detector: Mahalanobis on {layers}; threshold {predictor.ood.threshold:.3f} "
               f"({predictor.ood.percentile:g}th percentile, from {predictor.ood.threshold_from}), "
-              f"shrinkage {predictor.ood.shrinkage:.3f}, {predictor.ood.n_train} training images")
+              f"{predictor.ood.n_train} training images")
     else:
         print("detector: none in this checkpoint")
 

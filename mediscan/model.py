@@ -19,6 +19,7 @@ import importlib
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -71,8 +72,30 @@ class OrganClassifier(nn.Module):
         return self.head(self.features(x))
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1024) features the head's Linear layer sees (used for out-of-scope scoring)."""
+        """(B, 1024) features the head's Linear layer sees."""
         return self.head.pool_features(self.features(x))
+
+    def tapped_features(self, x: torch.Tensor,
+                        layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One backbone pass: the final feature map (as :attr:`features` returns it, before the head's
+        ReLU) and, for each named stage of ``features`` in ``layers``, its output rectified and
+        spatially averaged to ``(B, channels)`` -- what the out-of-scope detector reads.
+
+        ``"norm5"`` (the last stage) gives exactly :meth:`pooled_features`. Unknown names raise
+        ``ValueError``, listing the stages there are.
+        """
+        wanted = set(layers)
+        unknown = wanted - {name for name, _ in self.features.named_children()}
+        if unknown:
+            raise ValueError(f"no backbone stage named {', '.join(sorted(unknown))}; stages are "
+                             f"{', '.join(name for name, _ in self.features.named_children())}")
+        pooled = {}
+        h = x
+        for name, stage in self.features.named_children():
+            h = stage(h)
+            if name in wanted:
+                pooled[name] = self.head.pool_features(h)    # ReLU -> mean, as the head pools norm5
+        return h, {name: pooled[name] for name in layers}
 
 
 def densenet121_features() -> nn.Sequential:

@@ -8,11 +8,13 @@ then ``Predictor(backend="onnx")`` (or ``test_single_image.py --backend onnx``) 
 ONNX Runtime on the CPU. Everything else -- preprocessing, calibration, the out-of-scope check, verdicts,
 Grad-CAM and its faithfulness check -- stays the Predictor's own code.
 
-The exported graph has one input and two outputs:
+The exported graph has one input and two or more outputs:
 
 * ``image``: ``(B, 1, S, S)`` float32 in [-1024, 1024], dynamic batch;
 * ``logits``: ``(B, n_classes)``;
-* ``feature_map``: ``(B, 1024, h, w)``, the final feature map after norm5 + ReLU (``model.head.relu``).
+* ``feature_map``: ``(B, 1024, h, w)``, the final feature map after norm5 + ReLU (``model.head.relu``);
+* ``pooled.<layer>``: ``(B, channels)`` for each earlier backbone stage the checkpoint's out-of-scope
+  detector reads (e.g. ``pooled.denseblock1``); the final layer's pooled features are the map's mean.
 
 Grad-CAM's fast path needs only that map and the head's Linear weights (closed form), so
 :class:`OnnxClassifier` exposes the map as ``.features`` and the checkpoint's own ``head.fc``: the
@@ -44,15 +46,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from .ood import FINAL_LAYER, OODDetector
 
-__all__ = ["BACKENDS", "AUTO_PREFERS_ONNX_ON_CPU", "INPUT_NAME", "OUTPUT_NAMES", "OPSET",
+__all__ = ["BACKENDS", "AUTO_PREFERS_ONNX_ON_CPU", "INPUT_NAME", "OUTPUT_NAMES", "OPSET", "pooled_output_name",
            "OnnxBackendError", "StaleOnnxError", "OnnxRuntimeMissingError", "OnnxExport", "OnnxClassifier",
            "onnx_path_for", "export_command", "file_sha256", "export_onnx", "load_onnx_classifier",
            "backend_device", "select_backend"]
 
 BACKENDS = ("auto", "torch", "onnx")
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "feature_map")
+OUTPUT_NAMES = ("logits", "feature_map")        # always the first two outputs; pooled.<layer> may follow
 OPSET = 17
 #: metadata_props keys written by :func:`export_onnx`.
 META_FORMAT, META_SHA256, META_CHECKPOINT_META, META_CHECKPOINT_NAME = (
@@ -124,17 +127,30 @@ def _import_onnxruntime():
 # Export
 # --------------------------------------------------------------------------------------------------
 
-class _ExportGraph(nn.Module):
-    """What is exported: the classifier with its final feature map as a second output."""
+def pooled_output_name(layer: str) -> str:
+    """The graph output holding backbone stage ``layer``'s pooled, rectified features."""
+    return f"pooled.{layer}"
 
-    def __init__(self, model: nn.Module):
+
+def _exported_taps(layers) -> tuple[str, ...]:
+    """The stages that need outputs of their own: all but the final one (the map's mean gives that)."""
+    return tuple(layer for layer in layers if layer != FINAL_LAYER)
+
+
+class _ExportGraph(nn.Module):
+    """What is exported: the classifier with its final feature map (and pooled earlier stages) as outputs."""
+
+    def __init__(self, model: nn.Module, taps: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
+        self.taps = taps
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.model.head.relu(self.model.features(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        final, pooled_taps = self.model.tapped_features(x, self.taps)
+        feature_map = self.model.head.relu(final)
         pooled = F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
-        return self.model.head.fc(pooled), feature_map      # dropout is the identity in eval mode
+        # dropout is the identity in eval mode
+        return (self.model.head.fc(pooled), feature_map, *(pooled_taps[name] for name in self.taps))
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,10 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
     if file_sha256(checkpoint) != sha_before:
         raise CheckpointError(f"{checkpoint} changed while it was being exported; run the export again.")
 
-    graph = _ExportGraph(loaded.model.eval()).eval()
+    detector = OODDetector.from_checkpoint(loaded.extra, loaded.meta)
+    taps = _exported_taps(detector.layer_names if detector is not None else ())
+    output_names = [*OUTPUT_NAMES, *(pooled_output_name(name) for name in taps)]
+    graph = _ExportGraph(loaded.model.eval(), taps).eval()
     size = loaded.preprocessing.input_size
     generator = torch.Generator().manual_seed(0)
     # Batch 2 so that nothing in the trace specialises to a batch of one; the batch axis is dynamic.
@@ -182,13 +201,16 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
         # MediScan dependency); the TorchScript exporter handles this plain CNN and warns that it is
         # deprecated. When torch drops it, switch to dynamo=True and add onnxscript.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), buffer, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+        torch.onnx.export(graph, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.doc_string = (f"MediScan organ classifier exported from {checkpoint.name}: input 'image' "
-                        f"(B, 1, {size}, {size}) in [-1024, 1024]; outputs 'logits' and 'feature_map' "
-                        f"(post-ReLU final map, for Grad-CAM). Not a medical device.")
+                        f"(B, 1, {size}, {size}) in [-1024, 1024]; outputs 'logits', 'feature_map' "
+                        f"(post-ReLU final map, for Grad-CAM)"
+                        + "".join(f", '{pooled_output_name(name)}'" for name in taps)
+                        + (" (pooled features for the out-of-scope check)" if taps else "")
+                        + ". Not a medical device.")
     for key, value in {META_FORMAT: FORMAT, META_SHA256: sha_before, META_CHECKPOINT_META: raw_meta,
                        META_CHECKPOINT_NAME: checkpoint.name}.items():
         entry = proto.metadata_props.add()
@@ -259,7 +281,9 @@ class OnnxClassifier(nn.Module):
     * ``features(x)`` -> the final feature map, already rectified (``grad_cam``'s fast path applies ReLU
       to it again, which changes nothing), and ``head.fc`` -> the checkpoint's Linear layer: together all
       the closed-form Grad-CAM fast path needs;
-    * ``pooled_features(x)`` -> the map's spatial mean (out-of-scope features).
+    * ``pooled_features(x)`` -> the map's spatial mean;
+    * ``tapped_features(x, layers)`` -> the map and the pooled features of ``layers`` (out-of-scope check),
+      from one session call, like :meth:`mediscan.model.OrganClassifier.tapped_features`.
 
     On the fast path, ``grad_cam`` computes the logits as ``head.fc(mean(map))`` from the one session call,
     exactly as it does for PyTorch; the graph's own ``logits`` output serves ``forward`` (faithfulness) and
@@ -293,10 +317,22 @@ class OnnxClassifier(nn.Module):
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[1].mean(dim=(2, 3))
 
+    def tapped_features(self, x: torch.Tensor, layers=()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        taps = _exported_taps(layers)
+        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        outputs = self.session.run([OUTPUT_NAMES[1], *(pooled_output_name(name) for name in taps)],
+                                   {INPUT_NAME: array})
+        feature_map = torch.from_numpy(outputs[0])
+        pooled = {name: torch.from_numpy(value) for name, value in zip(taps, outputs[1:])}
+        if FINAL_LAYER in layers:
+            pooled[FINAL_LAYER] = feature_map.mean(dim=(2, 3))
+        return feature_map, {name: pooled[name] for name in layers}
+
 
 def load_onnx_classifier(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike, fc: nn.Linear,
-                         input_size: int, *, threads: int | None = None) -> OnnxClassifier:
-    """Open ``onnx_path`` for the (already loaded) ``checkpoint`` whose head Linear layer is ``fc``.
+                         input_size: int, *, threads: int | None = None, taps=()) -> OnnxClassifier:
+    """Open ``onnx_path`` for the (already loaded) ``checkpoint`` whose head Linear layer is ``fc``;
+    ``taps``: the backbone stages whose pooled features the caller will ask for (the OOD detector's).
 
     Raises :class:`OnnxBackendError` when the file is missing (naming the export command), onnxruntime
     is not installed, or the graph does not fit; :class:`StaleOnnxError` when it was exported from
@@ -327,7 +363,13 @@ def load_onnx_classifier(onnx_path: str | os.PathLike, checkpoint: str | os.Path
             f"but {checkpoint} now has sha256 {actual[:12]}... (retrained or replaced). Re-export it with\n"
             f"    {export_command(checkpoint, onnx_path)}")
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    names_ok = [i.name for i in inputs] == [INPUT_NAME] and [o.name for o in outputs] == list(OUTPUT_NAMES)
+    output_names = [o.name for o in outputs]
+    names_ok = [i.name for i in inputs] == [INPUT_NAME] and output_names[:2] == list(OUTPUT_NAMES)
+    missing = [name for name in _exported_taps(taps) if pooled_output_name(name) not in output_names]
+    if names_ok and missing:
+        raise OnnxBackendError(f"{onnx_path} has no output for the pooled {', '.join(missing)} features that the "
+                               f"checkpoint's out-of-scope check reads (exported by an older MediScan); "
+                               f"re-export it with\n    {export_command(checkpoint, onnx_path)}")
     if not names_ok or list(inputs[0].shape[1:]) != [1, input_size, input_size] \
             or outputs[0].shape[1] != fc.out_features:
         raise OnnxBackendError(f"{onnx_path} does not fit {checkpoint} (inputs "
@@ -350,8 +392,10 @@ def backend_device(backend: str, device: str | torch.device | None) -> torch.dev
 
 
 def select_backend(requested: str, checkpoint: Path, device: torch.device, model: nn.Module,
-                   input_size: int, onnx_path: str | os.PathLike | None = None) -> tuple[str, nn.Module]:
-    """The Predictor's choice: ``(backend name, the module to run)`` for ``backend=requested``.
+                   input_size: int, onnx_path: str | os.PathLike | None = None,
+                   taps=()) -> tuple[str, nn.Module]:
+    """The Predictor's choice: ``(backend name, the module to run)`` for ``backend=requested``; ``taps``
+    as for :func:`load_onnx_classifier`.
 
     ``"torch"``: ``model``. ``"onnx"``: the ONNX file (``onnx_path`` or next to the checkpoint) on the CPU,
     or an :class:`OnnxBackendError` saying why not. ``"auto"``: ONNX only on the CPU, when
@@ -361,11 +405,11 @@ def select_backend(requested: str, checkpoint: Path, device: torch.device, model
     backend_device(requested, device)
     path = Path(onnx_path).expanduser() if onnx_path else onnx_path_for(checkpoint)
     if requested == "onnx":
-        return "onnx", load_onnx_classifier(path, checkpoint, model.head.fc, input_size)
+        return "onnx", load_onnx_classifier(path, checkpoint, model.head.fc, input_size, taps=taps)
     if requested == "torch" or device.type != "cpu" or not AUTO_PREFERS_ONNX_ON_CPU or not path.is_file():
         return "torch", model
     try:
-        return "onnx", load_onnx_classifier(path, checkpoint, model.head.fc, input_size)
+        return "onnx", load_onnx_classifier(path, checkpoint, model.head.fc, input_size, taps=taps)
     except OnnxRuntimeMissingError:                  # an optional extra that is simply not installed
         return "torch", model
     except OnnxBackendError as exc:

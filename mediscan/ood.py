@@ -1,17 +1,31 @@
 """Out-of-scope detection: does an image resemble the training images at all?
 
 A four-class softmax always picks one of its classes: shown a cat photo it may say "lungs, 97 %".
-This module scores how far an image's pooled 1024-d DenseNet features lie from the training
-features, so that such inputs get the verdict ``out_of_scope`` instead of an organ.
+This module scores how far an image's DenseNet features lie from the training images' features, so
+that such inputs get the verdict ``out_of_scope`` instead of an organ.
 
-Method (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"):
+Method (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"),
+on the spatially pooled, rectified output of a few backbone stages ("layers"):
 
-* one mean per class, one covariance shared by all classes ("tied"), estimated from the
-  within-class residuals of the training features;
-* score(x) = min over classes of the Mahalanobis distance sqrt((x - mu_c)^T P (x - mu_c)),
-  P = inverse covariance. Higher = stranger.
+* per layer, one mean per class and one covariance shared by all classes ("tied"), estimated from
+  the within-class residuals of the training features;
+* per layer, distance(x) = min over classes of the Mahalanobis distance
+  sqrt((x - mu_c)^T P (x - mu_c)), P = inverse covariance;
+* the layers are put on one scale by dividing each distance by that layer's ``percentile``-th
+  percentile of held-out in-distribution distances (its *scale*), and the score is the largest of
+  these relative distances. Higher = stranger; 1.0 on a layer means "as unusual there as the 95th
+  percentile validation image".
 
-Why shrinkage: with 1024 feature dimensions and about a thousand training images the sample
+Why more than the last layer (Lee et al. also combine layers): the final 1024-d features keep what the
+classifier needs to tell organs apart, and a model trained on a thousand radiographs maps much of what
+it has never seen (a grayscale photo, a micrograph, a page of text) somewhere among them. An early
+stage (``denseblock1``, 256 channels: local texture, edges, grain and noise) tells "not a radiograph"
+apart far better. ``bench/ood_benchmark.py`` on a checkpoint trained for 1 + 1 epochs from random
+weights: the final layer alone flagged 66 % of its out-of-scope images, ``denseblock1`` alone 83 %,
+the two together 85 % (92 % with the colour check), each at 4.8 % of the validation images. Adding
+denseblock2 and denseblock3 did not help (each layer spends part of the 5 % false-alarm budget).
+
+Why shrinkage: with up to 1024 feature dimensions and about a thousand training images the sample
 covariance is singular or nearly so (rank <= n - classes, and ReLU features have dead dimensions
 that are exactly zero everywhere), so its inverse does not exist or amplifies noise in directions
 the data never varied in. We shrink it toward a scaled identity,
@@ -19,52 +33,57 @@ the data never varied in. We shrink it toward a scaled identity,
 expected squared error of the estimate -- no tuning, and always invertible. A fixed ``a`` can be
 passed instead (``shrinkage=0.1``).
 
-Threshold rule: ``threshold`` = the ``percentile``-th percentile (default 95) of the scores of
-held-out in-distribution images, and an image is flagged when its score is strictly above it, so at
-most ``100 - percentile`` % (5 %) of those images are flagged. The held-out images are the
+Threshold rule: ``threshold`` = the ``percentile``-th percentile (default 95) of the (combined)
+scores of held-out in-distribution images, and an image is flagged when its score is strictly above
+it, so at most ``100 - percentile`` % (5 %) of those images are flagged. The held-out images are the
 validation set when given. Without one, the training scores cannot be used directly (the means and
 covariance were fitted to them, so they are optimistically small and the threshold would flag far
 more than 5 % of new images); the scores then come from 5-fold cross-fitting on the training set
 (fit on four fifths, score the fifth left out).
+
+Checkpoints written before several layers were used hold one layer (``norm5``) under the method name
+``mahalanobis-tied``; they load as a one-layer detector with scale 1, so their scores and threshold
+mean what they meant then.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["OODDetector", "fit_ood", "ledoit_wolf_shrinkage", "DEFAULT_PERCENTILE", "PREFIX"]
+__all__ = ["OODDetector", "MahalanobisLayer", "fit_ood", "ledoit_wolf_shrinkage", "DEFAULT_LAYERS",
+           "FINAL_LAYER", "DEFAULT_PERCENTILE", "PREFIX"]
 
 PREFIX = "ood."
-METHOD = "mahalanobis-tied"
+METHOD = "mahalanobis-tied-layers"
+LEGACY_METHOD = "mahalanobis-tied"          # one layer (norm5), tensors ood.means / ood.precision
 DEFAULT_PERCENTILE = 95.0
 CROSS_FIT_FOLDS = 5
+#: The backbone's last stage: its pooled, rectified output is what the classifier's Linear layer sees.
+FINAL_LAYER = "norm5"
+#: The backbone stages the detector reads (names of ``model.features`` children), early to late.
+DEFAULT_LAYERS = ("denseblock1", FINAL_LAYER)
+
+Features = "torch.Tensor | Mapping[str, torch.Tensor]"
 
 
 @dataclass
-class OODDetector:
-    """Mahalanobis out-of-scope detector on pooled features (see the module docstring).
+class MahalanobisLayer:
+    """One layer's statistics: class means, tied precision, and the scale that relates it to other layers.
 
     Attributes:
         means: ``(C, D)`` class means of the training features (float32).
         precision: ``(D, D)`` inverse of the shrunk tied covariance (float32).
-        threshold: scores strictly above this are out of scope.
-        percentile: the percentile of held-out in-distribution scores the threshold was set at.
         shrinkage: the covariance shrinkage weight ``a`` in [0, 1] that was used.
-        n_train: training images the statistics come from.
-        n_val: held-out images the threshold comes from (0 with cross-fitting).
-        threshold_from: ``"validation"`` or ``"train-crossfit"``.
+        scale: the detector divides this layer's distances by it (its held-out percentile distance).
     """
 
     means: torch.Tensor
     precision: torch.Tensor
-    threshold: float
-    percentile: float = DEFAULT_PERCENTILE
     shrinkage: float = 0.0
-    n_train: int = 0
-    n_val: int = 0
-    threshold_from: str = "validation"
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.means = self.means.detach().to("cpu", torch.float32).contiguous()
@@ -72,7 +91,9 @@ class OODDetector:
         c, d = self.means.shape
         if self.precision.shape != (d, d):
             raise ValueError(f"precision must be ({d}, {d}) for {d}-d means, got {tuple(self.precision.shape)}")
-        self.threshold = float(self.threshold)
+        self.scale = float(self.scale)
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"layer scale must be a positive number, got {self.scale!r}")
         # Scoring expands (x - mu)^T P (x - mu) = x^T P x - 2 x^T P mu + mu^T P mu, in float64:
         # the expansion subtracts large numbers, which float32 would round badly.
         p64 = self.precision.double()
@@ -89,7 +110,7 @@ class OODDetector:
         return int(self.means.shape[0])
 
     def class_distances(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` Mahalanobis distance of each row of ``pooled`` (B, D) to each class mean."""
+        """``(B, C)`` float64 Mahalanobis distance of each row of ``pooled`` (B, D) to each class mean."""
         x = torch.as_tensor(pooled).detach().to("cpu", torch.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected pooled features of shape (B, {self.dim}), got {tuple(x.shape)}")
@@ -97,33 +118,101 @@ class OODDetector:
         squared = (xp * x).sum(1, keepdim=True) - 2.0 * x @ self._p_means.T + self._mean_terms
         return squared.clamp_min(0.0).sqrt()
 
-    def score(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` float32 out-of-scope scores (distance to the nearest class mean); higher = stranger."""
-        return self.class_distances(pooled).min(dim=1).values.float()
+    def distance(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float64 distance to the nearest class mean (not yet divided by :attr:`scale`)."""
+        return self.class_distances(pooled).min(dim=1).values
 
-    def is_out_of_scope(self, pooled: torch.Tensor) -> torch.Tensor:
+
+@dataclass
+class OODDetector:
+    """Multi-layer Mahalanobis out-of-scope detector (see the module docstring).
+
+    Attributes:
+        layers: backbone stage name -> :class:`MahalanobisLayer`, early to late.
+        threshold: scores strictly above this are out of scope.
+        percentile: the percentile of held-out in-distribution scores the threshold (and each layer's
+            scale) was set at.
+        n_train: training images the statistics come from.
+        n_val: held-out images the threshold comes from (0 with cross-fitting).
+        threshold_from: ``"validation"`` or ``"train-crossfit"``.
+        method: how it is stored (``mahalanobis-tied-layers``; ``mahalanobis-tied`` for old checkpoints).
+    """
+
+    layers: dict[str, MahalanobisLayer]
+    threshold: float
+    percentile: float = DEFAULT_PERCENTILE
+    n_train: int = 0
+    n_val: int = 0
+    threshold_from: str = "validation"
+    method: str = field(default=METHOD)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("an out-of-scope detector needs at least one layer")
+        self.layers = dict(self.layers)
+        self.threshold = float(self.threshold)
+        counts = {layer.n_classes for layer in self.layers.values()}
+        if len(counts) != 1:
+            raise ValueError(f"every layer needs the same number of class means, got {sorted(counts)}")
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The backbone stages whose pooled features :meth:`score` needs, early to late."""
+        return tuple(self.layers)
+
+    @property
+    def n_classes(self) -> int:
+        return next(iter(self.layers.values())).n_classes
+
+    def layer_scores(self, features: Features) -> dict[str, torch.Tensor]:
+        """Each layer's ``(B,)`` float64 distance divided by its scale (1.0 = that layer's percentile)."""
+        features = self._by_layer(features)
+        return {name: layer.distance(features[name]) / layer.scale for name, layer in self.layers.items()}
+
+    def score(self, features: Features) -> torch.Tensor:
+        """``(B,)`` float32 out-of-scope scores; higher = stranger.
+
+        ``features``: ``{layer name: (B, D) pooled features}`` for every name in :attr:`layer_names`
+        (extra names are ignored), or one ``(B, D)`` tensor for a one-layer detector.
+        """
+        per_layer = self.layer_scores(features)
+        return torch.stack(list(per_layer.values())).max(dim=0).values.float()
+
+    def is_out_of_scope(self, features: Features) -> torch.Tensor:
         """``(B,)`` bool: score strictly above :attr:`threshold`."""
-        return self.score(pooled) > self.threshold
+        return self.score(features) > self.threshold
+
+    def describe(self) -> str:
+        """One line for people: which layers, which rule."""
+        held_out = "validation" if self.threshold_from == "validation" else "held-out training"
+        return (f"Mahalanobis distance to the nearest class mean on {len(self.layers)} backbone layer"
+                f"{'s' if len(self.layers) > 1 else ''} ({', '.join(self.layers)}); out of scope when the "
+                f"score exceeds the {self.percentile:g}th percentile of {held_out} images ({self.threshold:.3g})")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The statistics as checkpoint extra tensors (keys start with ``ood.``)."""
-        return {PREFIX + "means": self.means.clone(), PREFIX + "precision": self.precision.clone()}
+        """The statistics as checkpoint extra tensors (``ood.<layer>.means``, ``ood.<layer>.precision``)."""
+        tensors = {}
+        for name, layer in self.layers.items():
+            tensors[f"{PREFIX}{name}.means"] = layer.means.clone()
+            tensors[f"{PREFIX}{name}.precision"] = layer.precision.clone()
+        return tensors
 
     def to_meta(self) -> dict:
         """JSON-able description (stored as ``meta["ood"]``); with :meth:`to_tensors` it rebuilds the detector."""
         return {
             "method": METHOD,
             "covariance": "tied, shrunk toward scaled identity",
-            "shrinkage": float(self.shrinkage),
+            "layers": [{"name": name, "dim": layer.dim, "shrinkage": float(layer.shrinkage),
+                        "scale": float(layer.scale)} for name, layer in self.layers.items()],
             "threshold": float(self.threshold),
             "percentile": float(self.percentile),
             "threshold_from": self.threshold_from,
-            "rule": (f"out of scope when the Mahalanobis distance to the nearest class mean exceeds the "
-                     f"{self.percentile:g}th percentile of held-out in-distribution scores"),
+            "rule": (f"out of scope when the largest per-layer Mahalanobis distance to the nearest class mean, "
+                     f"each divided by its layer's {self.percentile:g}th percentile of held-out distances, "
+                     f"exceeds the {self.percentile:g}th percentile of held-out in-distribution scores"),
             "n_train": int(self.n_train),
             "n_val": int(self.n_val),
             "n_classes": self.n_classes,
-            "dim": self.dim,
         }
 
     @classmethod
@@ -132,22 +221,48 @@ class OODDetector:
 
         Raises ``ValueError`` when the statistics are present but inconsistent (a damaged checkpoint).
         """
-        info = (meta or {}).get("ood")
-        means, precision = (extra or {}).get(PREFIX + "means"), (extra or {}).get(PREFIX + "precision")
-        if not info or means is None or precision is None:
+        info, extra = (meta or {}).get("ood"), extra or {}
+        if not info:
             return None
-        if info.get("method", METHOD) != METHOD:
-            raise ValueError(f"unknown out-of-scope method {info.get('method')!r} in checkpoint")
+        method = info.get("method", LEGACY_METHOD)
+        if method == LEGACY_METHOD:
+            specs = [{"name": FINAL_LAYER, "shrinkage": info.get("shrinkage", 0.0), "scale": 1.0,
+                      "means": PREFIX + "means", "precision": PREFIX + "precision"}]
+        elif method == METHOD:
+            specs = [dict(spec, means=f"{PREFIX}{spec['name']}.means", precision=f"{PREFIX}{spec['name']}.precision")
+                     for spec in info.get("layers") or []]
+        else:
+            raise ValueError(f"unknown out-of-scope method {method!r} in checkpoint")
+        if not specs or any(extra.get(spec["means"]) is None or extra.get(spec["precision"]) is None
+                            for spec in specs):
+            return None
         threshold = float(info["threshold"])
         if not math.isfinite(threshold):
             raise ValueError(f"out-of-scope threshold in checkpoint is not a number: {info['threshold']!r}")
+        layers = {spec["name"]: MahalanobisLayer(extra[spec["means"]], extra[spec["precision"]],
+                                                 shrinkage=float(spec.get("shrinkage", 0.0)),
+                                                 scale=float(spec.get("scale", 1.0))) for spec in specs}
         classes = (meta or {}).get("classes")
-        if classes is not None and means.shape[0] != len(classes):
-            raise ValueError(f"out-of-scope statistics have {means.shape[0]} class means for {len(classes)} classes")
-        return cls(means=means, precision=precision, threshold=threshold,
+        for name, layer in layers.items():
+            if classes is not None and layer.n_classes != len(classes):
+                raise ValueError(f"out-of-scope statistics of layer {name!r} have {layer.n_classes} class means "
+                                 f"for {len(classes)} classes")
+        return cls(layers=layers, threshold=threshold,
                    percentile=float(info.get("percentile", DEFAULT_PERCENTILE)),
-                   shrinkage=float(info.get("shrinkage", 0.0)), n_train=int(info.get("n_train", 0)),
-                   n_val=int(info.get("n_val", 0)), threshold_from=str(info.get("threshold_from", "validation")))
+                   n_train=int(info.get("n_train", 0)), n_val=int(info.get("n_val", 0)),
+                   threshold_from=str(info.get("threshold_from", "validation")), method=method)
+
+    def _by_layer(self, features: Features) -> Mapping[str, torch.Tensor]:
+        if isinstance(features, Mapping):
+            missing = [name for name in self.layers if name not in features]
+            if missing:
+                raise ValueError(f"missing pooled features for layer(s) {', '.join(missing)}; "
+                                 f"this detector reads {', '.join(self.layers)}")
+            return features
+        if len(self.layers) != 1:
+            raise ValueError(f"this detector reads {len(self.layers)} layers ({', '.join(self.layers)}): "
+                             f"pass {{layer name: pooled features}}")
+        return {next(iter(self.layers)): features}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,11 +331,13 @@ def _percentile(scores: torch.Tensor, percentile: float) -> float:
     return float(torch.quantile(scores.double(), percentile / 100.0, interpolation="higher"))
 
 
-def _cross_fit_scores(features, labels, n_classes, shrinkage, folds: int) -> torch.Tensor:
-    """Honest in-distribution scores for every training row: each scored by statistics fitted without it."""
+def _cross_fit_distances(features, labels, n_classes, shrinkage, folds: int) -> torch.Tensor:
+    """Honest in-distribution distances for every training row: each from statistics fitted without it.
+
+    The folds depend only on the number of rows (fixed seed), so every layer uses the same folds."""
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(features), generator=generator)
-    scores = torch.empty(len(features), dtype=torch.float32)
+    distances = torch.empty(len(features), dtype=torch.float64)
     for fold in range(folds):
         held = order[fold::folds]
         keep = torch.ones(len(features), dtype=torch.bool)
@@ -229,46 +346,78 @@ def _cross_fit_scores(features, labels, n_classes, shrinkage, folds: int) -> tor
             raise ValueError("too few training features per class to cross-fit the out-of-scope threshold; "
                              "pass validation features")
         means, precision, _ = _fit_statistics(features[keep], labels[keep], n_classes, shrinkage)
-        fold_detector = OODDetector(means, precision, threshold=0.0)
-        scores[held] = fold_detector.score(features[held])
-    return scores
+        distances[held] = MahalanobisLayer(means, precision).distance(features[held])
+    return distances
 
 
-def fit_ood(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor | None = None,
+def _as_layers(features: Features, what: str) -> dict[str, torch.Tensor]:
+    """``{layer: (N, D) float64}`` from a mapping, or from one tensor (= the final layer)."""
+    items = features.items() if isinstance(features, Mapping) else [(FINAL_LAYER, features)]
+    layers = {}
+    for name, value in items:
+        value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if value.ndim != 2:
+            raise ValueError(f"{what} features of layer {name!r} must be (N, D), got {tuple(value.shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{what} features of layer {name!r} contain NaN or infinite values")
+        layers[name] = value
+    if not layers:
+        raise ValueError(f"no {what} features given")
+    return layers
+
+
+def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: Features | None = None,
             *, percentile: float = DEFAULT_PERCENTILE, shrinkage: float | None = None,
             n_classes: int | None = None) -> OODDetector:
     """Fit the out-of-scope detector.
 
     Args:
-        train_features: ``(N, D)`` pooled features of the training images (eval mode, no augmentation).
+        train_features: ``{layer name: (N, D) pooled features}`` of the training images (eval mode, no
+            augmentation), early to late; one ``(N, D)`` tensor means the final layer alone.
         train_labels: ``(N,)`` integer class labels.
-        val_features: ``(M, D)`` pooled features of held-out in-distribution images (the validation
-            set); the threshold is the ``percentile``-th percentile of their scores. ``None`` =
-            5-fold cross-fitted training scores instead.
+        val_features: the same layers for held-out in-distribution images (the validation set); each
+            layer's scale and the threshold are ``percentile``-th percentiles of their scores.
+            ``None`` = 5-fold cross-fitted training scores instead.
         percentile: in (0, 100]; at most ``100 - percentile`` % of those held-out images are flagged.
-        shrinkage: covariance shrinkage weight in [0, 1]; ``None`` = Ledoit-Wolf.
+        shrinkage: covariance shrinkage weight in [0, 1]; ``None`` = Ledoit-Wolf, per layer.
         n_classes: number of classes (default ``max(label) + 1``); every class needs features.
     """
-    features = torch.as_tensor(train_features).detach().to("cpu", torch.float64)
+    train = _as_layers(train_features, "training")
     labels = torch.as_tensor(train_labels).detach().to("cpu", torch.long).flatten()
-    if features.ndim != 2 or len(features) != len(labels):
-        raise ValueError(f"need (N, D) features and N labels, got {tuple(features.shape)} and {len(labels)}")
-    if not torch.isfinite(features).all():
-        raise ValueError("training features contain NaN or infinite values")
+    n_train = len(labels)
+    if any(len(value) != n_train for value in train.values()):
+        raise ValueError(f"need N features per layer for N = {n_train} labels, got "
+                         f"{ {name: len(value) for name, value in train.items()} }")
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
     if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
         raise ValueError(f"labels must be in [0, {n_classes})")
+    val = None
+    if val_features is not None:
+        val = _as_layers(val_features, "validation")
+        if set(val) != set(train):
+            raise ValueError(f"validation features have layers {sorted(val)}, training features {sorted(train)}")
+        if len({len(value) for value in val.values()}) != 1:
+            raise ValueError("validation features need the same number of rows on every layer")
+        if len(next(iter(val.values()))) == 0:
+            val = None
 
-    means, precision, used = _fit_statistics(features, labels, n_classes, shrinkage)
-    detector = OODDetector(means, precision, threshold=0.0, percentile=percentile, shrinkage=used,
-                           n_train=len(features))
-    if val_features is not None and len(val_features) > 0:
-        held_scores = detector.score(torch.as_tensor(val_features))
-        detector.n_val, detector.threshold_from = len(held_scores), "validation"
-    else:
-        held_scores = _cross_fit_scores(features, labels, n_classes, shrinkage, CROSS_FIT_FOLDS)
-        detector.n_val, detector.threshold_from = 0, "train-crossfit"
-    detector.threshold = _percentile(held_scores, percentile)
-    return detector
+    layers, held_relative = {}, []
+    for name, features in train.items():
+        means, precision, used = _fit_statistics(features, labels, n_classes, shrinkage)
+        layer = MahalanobisLayer(means, precision, shrinkage=used)
+        if val is not None:
+            held = layer.distance(val[name])
+        else:
+            held = _cross_fit_distances(features, labels, n_classes, shrinkage, CROSS_FIT_FOLDS)
+        # The floor keeps a degenerate layer (every held-out image exactly at a class mean) usable.
+        layer.scale = max(_percentile(held, percentile), 1e-12)
+        layers[name] = layer
+        held_relative.append(held / layer.scale)
+    # Rounded to float32 as :meth:`OODDetector.score` returns it, so that the image at the percentile
+    # is not above a threshold that lies between its float64 and float32 values.
+    combined = torch.stack(held_relative).max(dim=0).values.float()
+    return OODDetector(layers=layers, threshold=_percentile(combined, percentile), percentile=percentile,
+                       n_train=n_train, n_val=0 if val is None else len(combined),
+                       threshold_from="train-crossfit" if val is None else "validation")

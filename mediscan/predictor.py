@@ -91,8 +91,9 @@ class Prediction:
         confidence: its probability.
         verdict: ``"confident"``, ``"uncertain"`` or ``"out_of_scope"``.
         verdict_reason: one plain-language sentence explaining the verdict.
-        ood_score: out-of-scope score (Mahalanobis distance; higher = stranger), ``None`` when the
-            checkpoint has no out-of-scope statistics.
+        ood_score: out-of-scope score (the largest of the per-layer Mahalanobis distances, each relative
+            to validation images; higher = stranger; above ``Predictor.ood.threshold`` is out of scope),
+            ``None`` when the checkpoint has no out-of-scope statistics.
         timings_ms: ``decode``, ``preprocess``, ``model`` (forward + calibration + OOD) and ``total``
             milliseconds (in batched calls ``model`` is this image's share of the batch).
         warnings: non-fatal notes from decoding (multi-frame DICOM, ignored EXIF, ...).
@@ -274,7 +275,7 @@ class Predictor:
         self.max_pixels = int(max_pixels)
         self.uncertain_below = float(uncertain_below)
         self.backend, self.net = select_backend(backend, self.checkpoint_path, self.device, self.model,
-                                                self.input_size, onnx_path)
+                                                self.input_size, onnx_path, taps=self._ood_layers)
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.checkpoint_path)!r}, classes={list(self.classes)}, "
@@ -291,8 +292,9 @@ class Predictor:
         colour_line = f"Colour images (colourfulness > {COLOUR_LIMIT:g}) are out of scope: X-rays are grayscale."
         if self.ood is not None:
             held_out = "validation" if self.ood.threshold_from == "validation" else "held-out training"
+            layers = ", ".join(self.ood.layer_names)
             ood_line = (f"Images whose features lie further from the training images than "
-                        f"{self.ood.percentile:g}% of {held_out} images (Mahalanobis score > "
+                        f"{self.ood.percentile:g}% of {held_out} images (Mahalanobis score on {layers} > "
                         f"{self.ood.threshold:.3g}) are reported as out of scope. {colour_line}")
         else:
             ood_line = (f"This checkpoint has no out-of-scope statistics, so only the colour check applies: "
@@ -382,8 +384,8 @@ class Predictor:
         decoded, tensor, geometry, timings = self._prepare(image, name)
         t0 = time.perf_counter()
         batch = tensor.unsqueeze(0).to(self.device)
-        cam = self._cam(batch, None if target is None else [target], method)
-        probs, scores, flags = self._calibrate(cam.logits, cam.pooled_features, batch)
+        cam, pooled = self._cam(batch, None if target is None else [target], method)
+        probs, scores, flags = self._calibrate(cam.logits, pooled)
         timings["model"] = _ms_since(t0)
         prediction = self._prediction(decoded, probs[0], scores, flags, 0, timings, started)
         return prediction, decoded, geometry, batch, cam
@@ -394,22 +396,26 @@ class Predictor:
             return (dataclasses.replace(image, source=name) if name else image), _ms_since(t0)
         return read_image(image, name=name, max_pixels=self.max_pixels), _ms_since(t0)
 
+    @property
+    def _ood_layers(self) -> tuple[str, ...]:
+        return self.ood.layer_names if self.ood is not None else ()
+
     def _cam(self, batch: torch.Tensor, targets: list[int] | None, method: str):
-        """One forward pass: logits, maps and pooled features (grad_cam's closed-form fast path on the
-        final feature map, for "gradcam" and "gradcam++" alike: no hooks, no backward, no state)."""
+        """One forward pass: the Grad-CAM result (logits and maps, from grad_cam's closed-form fast path on
+        the final feature map, for "gradcam" and "gradcam++" alike: no hooks, no backward, no state) and
+        the pooled features of the layers the out-of-scope detector reads."""
         from grad_cam import grad_cam
         with torch.no_grad():
-            return grad_cam(self.net, batch, targets, method=method)
+            feature_map, pooled = self.net.tapped_features(batch, self._ood_layers)
+            cam = grad_cam(self.net, batch, targets, method=method, feature_map=feature_map)
+        return cam, pooled
 
-    def _calibrate(self, logits: torch.Tensor, pooled: torch.Tensor | None, batch: torch.Tensor):
+    def _calibrate(self, logits: torch.Tensor, pooled: dict[str, torch.Tensor]):
         """Temperature-scaled probabilities and OOD scores/flags (``None`` without a detector)."""
         probs = torch.softmax(logits.detach().float() / self.temperature, dim=1).cpu()
         if self.ood is None:
             return probs, None, None
-        if pooled is None:   # only grad_cam's general (hooked-layer) path omits them; we never use it
-            with torch.no_grad():
-                pooled = self.net.pooled_features(batch)
-        scores = self.ood.score(pooled.detach())
+        scores = self.ood.score(pooled)
         return probs, scores, scores > self.ood.threshold
 
     def _prediction(self, decoded: DecodedImage, probs: torch.Tensor, scores, flags, row: int,
@@ -437,7 +443,7 @@ class Predictor:
         if flagged:
             return "out_of_scope", (
                 f"This image does not resemble the X-rays the model was trained on (out-of-scope score "
-                f"{score:.1f} is above the limit of {self.ood.threshold:.1f}), so the '{top_class}' "
+                f"{score:.2f} is above the limit of {self.ood.threshold:.2f}), so the '{top_class}' "
                 f"prediction should not be trusted.")
         if confidence < self.uncertain_below:
             return "uncertain", (
@@ -494,8 +500,8 @@ class Predictor:
     def _run_batch(self, pending: list, results: list, with_maps: bool, progress) -> None:
         t0 = time.perf_counter()
         batch = torch.stack([tensor for _, _, tensor, _, _ in pending]).to(self.device)
-        cam = self._cam(batch, None, "gradcam")
-        probs, scores, flags = self._calibrate(cam.logits, cam.pooled_features, batch)
+        cam, pooled = self._cam(batch, None, "gradcam")
+        probs, scores, flags = self._calibrate(cam.logits, pooled)
         share = _ms_since(t0) / len(pending)   # each image's share of the batched forward pass
         for row, (index, decoded, _, geometry, timings) in enumerate(pending):
             prediction = self._prediction(decoded, probs[row], scores, flags, row,

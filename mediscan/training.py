@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,24 +126,26 @@ def _autocast(device: torch.device, enabled: bool):
 
 @torch.inference_mode()
 def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int, device: torch.device,
-                  amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, C)`` and pooled features ``(N, 1024)`` for every image, in eval mode, on the CPU."""
+                  amp: bool = False, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits ``(N, C)`` for every image, in eval mode, on the CPU, and ``{layer: (N, channels)}`` pooled
+    features of the backbone stages in ``layers`` (see :meth:`OrganClassifier.tapped_features`)."""
     was_training = model.training
     model.eval()
-    logits, pooled = [], []
+    logits, pooled = [], {name: [] for name in layers}
     try:
         for start in range(0, len(images), batch_size):
             batch = _to_memory_format(images[start:start + batch_size].to(device, non_blocking=True), device)
             with _autocast(device, amp):
-                features = model.head.pool_features(model.features(batch))
-                out = model.head.fc(features)
+                final, taps = model.tapped_features(batch, layers)
+                out = model.head(final)
             logits.append(out.float().cpu())
-            pooled.append(features.float().cpu())
+            for name, value in taps.items():
+                pooled[name].append(value.float().cpu())
     finally:
         model.train(was_training)
     if not logits:
-        return torch.empty(0, model.num_classes), torch.empty(0, model.head.fc.in_features)
-    return torch.cat(logits), torch.cat(pooled)
+        return torch.empty(0, model.num_classes), {name: torch.empty(0, 0) for name in layers}
+    return torch.cat(logits), {name: torch.cat(values) for name, values in pooled.items()}
 
 
 @torch.no_grad()
@@ -583,15 +585,15 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     """Calibrate, fit the out-of-scope detector, evaluate on test, rewrite best with it all, write the report."""
     from .evaluation import (classification_metrics, fit_temperature, save_history, save_split_gallery,
                              write_report)
-    from .ood import fit_ood
+    from .ood import DEFAULT_LAYERS as OOD_LAYERS, fit_ood
 
     started = time.perf_counter()
     best = load_checkpoint(best_path, device)
     model, meta = best.model, best.meta
     batch = config.batch_size * 4
-    val_logits, val_pooled = predict_split(model, data["val"].images, batch, device, config.amp)
+    val_logits, val_pooled = predict_split(model, data["val"].images, batch, device, config.amp, OOD_LAYERS)
     temperature = fit_temperature(val_logits, data["val"].labels)
-    _, train_pooled = predict_split(model, data["train"].images, batch, device, config.amp)
+    _, train_pooled = predict_split(model, data["train"].images, batch, device, config.amp, OOD_LAYERS)
     detector = fit_ood(train_pooled, data["train"].labels.cpu(), val_pooled)
     val_metrics = classification_metrics(val_logits, data["val"].labels, splits.classes, temperature)
     test_metrics = None

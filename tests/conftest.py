@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:      # the top-level scripts (app.py, grad_cam.py,
 
 from mediscan.checkpoint import new_metadata, save_checkpoint  # noqa: E402  (needs ROOT on sys.path)
 from mediscan.model import FEATURE_CHANNELS, build_model  # noqa: E402
+from mediscan.ood import DEFAULT_LAYERS as DEFAULT_OOD_LAYERS  # noqa: E402
 from mediscan.ood import OODDetector, fit_ood  # noqa: E402
 from mediscan.preprocessing import PreprocessConfig  # noqa: E402
 
@@ -90,12 +91,32 @@ def tiny_model(classes=CLASSES, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+#: Channels of the pooled features of each layer the out-of-scope detector reads by default.
+OOD_LAYER_CHANNELS = {"denseblock1": 256, "norm5": FEATURE_CHANNELS}
+assert tuple(OOD_LAYER_CHANNELS) == DEFAULT_OOD_LAYERS
+
+
 def random_features_detector(n_classes: int, seed: int = 0) -> OODDetector:
-    """An out-of-scope detector fitted on uniform random "features" (80 fit, 40 calibration samples)."""
+    """An out-of-scope detector (default layers) fitted on uniform random "features" (80 fit, 40 calibration)."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(80) % n_classes
-    return fit_ood(torch.rand(80, FEATURE_CHANNELS, generator=gen), labels,
-                   torch.rand(40, FEATURE_CHANNELS, generator=gen))
+    train = {name: torch.rand(80, dim, generator=gen) for name, dim in OOD_LAYER_CHANNELS.items()}
+    val = {name: torch.rand(40, dim, generator=gen) for name, dim in OOD_LAYER_CHANNELS.items()}
+    return fit_ood(train, labels, val)
+
+
+def detector_around(model: torch.nn.Module, batch: torch.Tensor, n: int = 200, seed: int = 0) -> OODDetector:
+    """An out-of-scope detector (default layers) fitted on jittered copies of the features of ``batch``
+    (image k is class k): those images are in scope, unrelated ones are not."""
+    with torch.no_grad():
+        _, centres = model.tapped_features(batch, DEFAULT_OOD_LAYERS)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(batch)
+
+    def jittered() -> dict[str, torch.Tensor]:
+        return {name: c[labels] + torch.randn(n, c.shape[1], generator=gen) * (c.std(0, keepdim=True) * 0.3 + 1e-3)
+                for name, c in centres.items()}
+    return fit_ood(jittered(), labels, jittered())
 
 
 def write_tiny_checkpoint(path: str | Path, *, classes=CLASSES, input_size: int = 64, seed: int = 0,

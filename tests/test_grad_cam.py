@@ -175,6 +175,34 @@ def test_plusplus_is_a_different_map(model):
     assert float((plain.raw_cams - plus.raw_cams).abs().max()) > 1e-3 * float(plain.raw_cams.abs().max())
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_precomputed_feature_map_gives_the_same_result_without_a_forward_pass(model, method):
+    """Callers that already ran the backbone (the Predictor, to read earlier layers too) pass its output."""
+    x = smooth_images(2, S, seed=6)
+    direct = grad_cam.grad_cam(model, x, [1, 3], method=method)
+    with torch.no_grad():
+        feature_map = model.features(x)
+    given = grad_cam.grad_cam(_NoBackbone(model), x, [1, 3], method=method, feature_map=feature_map)
+    for field in ("logits", "cams", "raw_cams", "pooled_features"):
+        torch.testing.assert_close(getattr(given, field), getattr(direct, field))
+    with pytest.raises(ValueError, match="default target"):
+        grad_cam.grad_cam(model, x, target_layer=INNER_LAYER, feature_map=feature_map)
+    with pytest.raises(ValueError, match="feature_map must be"):
+        grad_cam.grad_cam(model, x, feature_map=feature_map[:1])
+
+
+class _NoBackbone(torch.nn.Module):
+    """The model's head, with a backbone that must not run (proves the map is not recomputed)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = model.head
+        self.eval()
+
+    def features(self, x):
+        raise AssertionError("the backbone ran although its output was given")
+
+
 def test_target_layer_by_path_or_module_is_the_same(model):
     x = smooth_images(2, S, seed=5)
     by_path = grad_cam.grad_cam(model, x, 2, target_layer=INNER_LAYER)

@@ -20,6 +20,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import densenet121_xray_classifier as train_cli  # noqa: E402
+from conftest import detector_around  # noqa: E402
 import test_single_image as single_cli  # noqa: E402
 from mediscan import onnx_backend  # noqa: E402
 from mediscan.checkpoint import CheckpointError, new_metadata, save_checkpoint  # noqa: E402
@@ -27,7 +28,6 @@ from mediscan.imaging import DecodedImage  # noqa: E402
 from mediscan.model import build_model  # noqa: E402
 from mediscan.onnx_backend import (OnnxBackendError, OnnxClassifier, StaleOnnxError, export_onnx,  # noqa: E402
                                    onnx_path_for)
-from mediscan.ood import fit_ood  # noqa: E402
 from mediscan.predictor import Predictor  # noqa: E402
 from mediscan.preprocessing import PreprocessConfig, preprocess  # noqa: E402
 
@@ -68,12 +68,7 @@ def checkpoint(tmp_path_factory) -> Path:
         model.head.fc.weight.mul_(0.05)
         model.head.fc.bias.copy_(torch.tensor([1.0, 0.0, -0.5, -1.0]))
         batch = torch.stack([preprocess(image.pixels, SIZE)[0] for image in IMAGES[:4]])
-        centres = model.pooled_features(batch)
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(200) % 4
-    spread = centres.std(0, keepdim=True) * 0.3 + 1e-3
-    detector = fit_ood(centres[labels] + torch.randn(200, 1024, generator=generator) * spread, labels,
-                       centres[labels] + torch.randn(200, 1024, generator=generator) * spread)
+    detector = detector_around(model, batch)          # reads denseblock1 and norm5
     meta = new_metadata(CLASSES, PreprocessConfig(SIZE), source, temperature=2.0, ood=detector.to_meta())
     folder = tmp_path_factory.mktemp("onnx")
     return save_checkpoint(folder / "best.safetensors", model, meta, detector.to_tensors())
@@ -112,7 +107,8 @@ def test_export_writes_bound_metadata_next_to_the_checkpoint(checkpoint, exporte
     meta = json.loads(props[onnx_backend.META_CHECKPOINT_META])
     assert meta["classes"] == CLASSES and meta["preprocessing"]["input_size"] == SIZE
     assert [i.name for i in model.graph.input] == ["image"]
-    assert [o.name for o in model.graph.output] == ["logits", "feature_map"]
+    # The final layer's pooled features are the map's mean; the earlier layer the detector reads gets an output.
+    assert [o.name for o in model.graph.output] == ["logits", "feature_map", "pooled.denseblock1"]
     assert not list(checkpoint.parent.glob("*.tmp"))            # atomic write left no temporary file
 
 
@@ -130,6 +126,15 @@ def test_graph_outputs_match_the_model_at_several_batch_sizes(checkpoint, export
         # float32 round-off (ONNX Runtime fuses conv + batch norm) relative to the map's scale
         scale = float(reference_map.abs().max())
         assert float((feature_map - reference_map).abs().max()) <= 1e-5 * scale
+        # The pooled features the out-of-scope detector reads, from the same single session call.
+        layers = ("denseblock1", "norm5")
+        _, pooled = net.tapped_features(x, layers)
+        with torch.no_grad():
+            _, reference_pooled = model.tapped_features(x, layers)
+        assert list(pooled) == list(layers)
+        for name in layers:
+            scale = float(reference_pooled[name].abs().max())
+            assert float((pooled[name] - reference_pooled[name]).abs().max()) <= 1e-5 * scale, name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +239,21 @@ def test_stale_export_is_refused(checkpoint, exported, tmp_path, monkeypatch):
     assert "stale" in message and f"--export-onnx {copy}" in message
     monkeypatch.setattr(onnx_backend, "AUTO_PREFERS_ONNX_ON_CPU", True)
     with pytest.warns(RuntimeWarning, match="stale"):
+        assert Predictor(copy, "cpu").backend == "torch"        # auto falls back, and says why
+
+
+def test_export_without_the_detectors_layers_is_refused(checkpoint, tmp_path, monkeypatch):
+    """An export of this very checkpoint made before the detector read an earlier layer (no
+    pooled.denseblock1 output) cannot feed the out-of-scope check: refused, with the re-export command."""
+    copy = tmp_path / "best.safetensors"
+    copy.write_bytes(checkpoint.read_bytes())
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_backend, "_exported_taps", lambda layers: ())
+        export_onnx(copy)
+    with pytest.raises(OnnxBackendError, match="pooled denseblock1 features") as error:
+        Predictor(copy, backend="onnx")
+    assert "--export-onnx" in str(error.value)
+    with pytest.warns(RuntimeWarning, match="pooled denseblock1"):
         assert Predictor(copy, "cpu").backend == "torch"        # auto falls back, and says why
 
 

@@ -1,6 +1,7 @@
-"""Out-of-scope detector: Mahalanobis distance with a tied, shrunk covariance (mediscan.ood).
+"""Out-of-scope detector: per-layer Mahalanobis distance with a tied, shrunk covariance (mediscan.ood).
 
-Synthetic features only (no model): four Gaussian clusters stand in for the four organ classes.
+Synthetic features only (no model): four Gaussian clusters stand in for the four organ classes; a
+second, independent set of clusters stands in for an earlier backbone layer.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from mediscan.ood import OODDetector, fit_ood, ledoit_wolf_shrinkage
+from mediscan.ood import FINAL_LAYER, MahalanobisLayer, OODDetector, fit_ood, ledoit_wolf_shrinkage
 
 N_CLASSES = 4
 
@@ -31,9 +32,16 @@ def clustered(n: int, dim: int, seed: int, centers: torch.Tensor | None = None):
     return features, labels
 
 
-def flagged(detector: OODDetector, features: torch.Tensor) -> float:
+def only_layer(detector: OODDetector) -> MahalanobisLayer:
+    """The statistics of a one-layer detector (fitted on a plain tensor: the final layer)."""
+    assert detector.layer_names == (FINAL_LAYER,)
+    return detector.layers[FINAL_LAYER]
+
+
+def flagged(detector: OODDetector, features) -> float:
     """Fraction of rows flagged, as an exact Python fraction (a float32 mean would round 40/800 up)."""
-    return int(detector.is_out_of_scope(features).sum()) / len(features)
+    flags = detector.is_out_of_scope(features)
+    return int(flags.sum()) / len(flags)
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +85,27 @@ def test_far_away_features_are_flagged(fitted):
 
 def test_score_is_zero_at_class_means_and_grows_along_a_ray(fitted):
     detector, _ = fitted
-    assert torch.allclose(detector.score(detector.means), torch.zeros(N_CLASSES), atol=1e-2)
+    means = only_layer(detector).means
+    assert torch.allclose(detector.score(means), torch.zeros(N_CLASSES), atol=1e-2)
     direction = torch.randn(64, generator=torch.Generator().manual_seed(4))
-    ray = detector.means[0] + torch.arange(1, 6).float()[:, None] * 5 * direction
+    ray = means[0] + torch.arange(1, 6).float()[:, None] * 5 * direction
     scores = detector.score(ray)
     assert scores.shape == (5,) and scores.dtype == torch.float32
     assert (scores.diff() > 0).all()
 
 
 def test_score_matches_the_definition(fitted):
-    """min_c sqrt((x - mu_c)^T P (x - mu_c)), computed the slow way."""
+    """min_c sqrt((x - mu_c)^T P (x - mu_c)) / scale, computed the slow way."""
     detector, val = fitted
+    layer = only_layer(detector)
     x = val[:5].double()
-    p = detector.precision.double()
+    p = layer.precision.double()
     expected = torch.stack([
-        torch.stack([((xi - mu.double()) @ p @ (xi - mu.double())).sqrt() for mu in detector.means]).min()
-        for xi in x])
+        torch.stack([((xi - mu.double()) @ p @ (xi - mu.double())).sqrt() for mu in layer.means]).min()
+        for xi in x]) / layer.scale
     assert torch.allclose(detector.score(val[:5]).double(), expected, rtol=1e-4)
+    # One layer: the scale is the 95th-percentile validation distance, so the threshold is exactly 1.
+    assert detector.threshold == 1.0
 
 
 def test_more_dimensions_than_samples_is_handled_by_shrinkage():
@@ -102,8 +114,8 @@ def test_more_dimensions_than_samples_is_handled_by_shrinkage():
     val, _ = clustered(200, 1024, seed=6)
     # 200 residual vectors span at most 200 of the 1024 dimensions: the sample covariance is singular.
     detector = fit_ood(train, labels, val)
-    assert 0.0 < detector.shrinkage <= 1.0
-    assert torch.isfinite(detector.precision).all()
+    assert 0.0 < only_layer(detector).shrinkage <= 1.0
+    assert torch.isfinite(only_layer(detector).precision).all()
     fresh, _ = clustered(400, 1024, seed=7)
     assert flagged(detector, fresh) <= 0.12
     far = torch.randn(50, 1024) * 4 + 10
@@ -116,7 +128,7 @@ def test_dead_feature_dimensions_do_not_break_fitting():
     train = train.clamp_min(0)
     train[:, :8] = 0.0
     detector = fit_ood(train, labels)
-    assert torch.isfinite(detector.precision).all() and math.isfinite(detector.threshold)
+    assert torch.isfinite(only_layer(detector).precision).all() and math.isfinite(detector.threshold)
     assert torch.isfinite(detector.score(train)).all()
 
 
@@ -136,14 +148,14 @@ def test_percentile_controls_the_flagged_fraction():
     val, _ = clustered(1000, 16, seed=12)
     strict = fit_ood(train, labels, val, percentile=99.0)
     loose = fit_ood(train, labels, val, percentile=80.0)
-    assert strict.threshold > loose.threshold
+    assert only_layer(strict).scale > only_layer(loose).scale
     assert flagged(strict, val) <= 0.01
     assert flagged(loose, val) <= 0.20
 
 
 def test_fixed_shrinkage_is_used_as_given():
     train, labels = clustered(200, 16, seed=13)
-    assert fit_ood(train, labels, shrinkage=0.25).shrinkage == 0.25
+    assert only_layer(fit_ood(train, labels, shrinkage=0.25)).shrinkage == 0.25
     with pytest.raises(ValueError):
         fit_ood(train, labels, shrinkage=1.5)
 
@@ -169,8 +181,9 @@ def test_round_trip_through_checkpoint_tensors_and_json(fitted):
     tensors = detector.to_tensors()
     assert tensors and all(name.startswith("ood.") for name in tensors)
     meta = json.loads(json.dumps({"classes": list("abcd"), "ood": detector.to_meta()}))
-    for key in ("method", "threshold", "percentile", "n_train", "n_val", "shrinkage"):
+    for key in ("method", "threshold", "percentile", "n_train", "n_val", "layers"):
         assert key in meta["ood"]
+    assert [layer["name"] for layer in meta["ood"]["layers"]] == [FINAL_LAYER]
     restored = OODDetector.from_checkpoint(load_tensors(save_tensors(tensors)), meta)
     assert restored.threshold == detector.threshold
     assert restored.percentile == detector.percentile and restored.n_train == 800
@@ -189,7 +202,12 @@ def test_from_checkpoint_rejects_inconsistent_statistics(fitted):
     with pytest.raises(ValueError, match="class"):
         OODDetector.from_checkpoint(detector.to_tensors(), {"classes": ["a", "b"], "ood": detector.to_meta()})
     with pytest.raises(ValueError, match="precision"):
-        OODDetector(torch.zeros(2, 4), torch.eye(3), threshold=1.0)
+        MahalanobisLayer(torch.zeros(2, 4), torch.eye(3))
+    with pytest.raises(ValueError, match="scale"):
+        MahalanobisLayer(torch.zeros(2, 3), torch.eye(3), scale=0.0)
+    with pytest.raises(ValueError, match="same number of class means"):
+        OODDetector({"a": MahalanobisLayer(torch.zeros(2, 3), torch.eye(3)),
+                     "b": MahalanobisLayer(torch.zeros(3, 3), torch.eye(3))}, threshold=1.0)
 
 
 def test_input_validation(fitted):
@@ -214,4 +232,93 @@ def test_scores_are_invariant_to_shifting_and_scaling_all_features(shift, scale)
     base = fit_ood(train, labels, train, shrinkage=0.1)
     moved = fit_ood(train * scale + shift, labels, train * scale + shift, shrinkage=0.1)
     assert torch.allclose(moved.score(query * scale + shift), base.score(query), rtol=1e-3, atol=1e-3)
-    assert moved.threshold == pytest.approx(base.threshold, rel=1e-3)
+    assert only_layer(moved).scale == pytest.approx(only_layer(base).scale, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# several layers
+# --------------------------------------------------------------------------------------------------
+
+def two_layers(n: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """An "early" 16-d layer and the final 64-d layer, with different scales, for the same rows."""
+    final, labels = clustered(n, 64, seed=seed)
+    early, _ = clustered(n, 16, seed=seed + 100, centers=torch.randn(N_CLASSES, 16,
+                                                                     generator=torch.Generator().manual_seed(7)))
+    return {"early": early * 30.0, FINAL_LAYER: final}, labels
+
+
+@pytest.fixture(scope="module")
+def layered():
+    train, labels = two_layers(800, seed=20)
+    val, _ = two_layers(800, seed=21)
+    return fit_ood(train, labels, val), val
+
+
+def test_layers_keep_their_order_and_each_gets_its_own_scale(layered):
+    detector, val = layered
+    assert detector.layer_names == ("early", FINAL_LAYER)
+    per_layer = detector.layer_scores(val)
+    for name, relative in per_layer.items():
+        # Each layer's distances are divided by that layer's own 95th percentile on validation.
+        assert float(torch.quantile(relative, 0.95, interpolation="higher")) == pytest.approx(1.0)
+    # The score is the largest relative distance.
+    assert torch.equal(detector.score(val), torch.stack(list(per_layer.values())).max(0).values.float())
+    assert detector.threshold >= 1.0
+    assert flagged(detector, val) <= 0.05
+
+
+def test_an_input_odd_on_one_layer_only_is_flagged(layered):
+    """The reason for several layers: a photo can look ordinary to the final layer and odd to an early one."""
+    detector, _ = layered
+    fresh, _ = two_layers(300, seed=22)
+    assert flagged(detector, fresh) <= 0.09
+    odd_early = dict(fresh, early=fresh["early"] + 200.0)
+    odd_final = {**fresh, FINAL_LAYER: fresh[FINAL_LAYER] + 25.0}
+    assert detector.is_out_of_scope(odd_early).all()
+    assert detector.is_out_of_scope(odd_final).all()
+
+
+def test_cross_fitting_with_several_layers():
+    train, labels = two_layers(600, seed=23)
+    detector = fit_ood(train, labels)
+    assert detector.threshold_from == "train-crossfit"
+    fresh, _ = two_layers(1500, seed=24)
+    assert flagged(detector, fresh) <= 0.08
+
+
+def test_several_layers_round_trip_through_checkpoint_tensors_and_json(layered):
+    detector, val = layered
+    tensors = detector.to_tensors()
+    assert set(tensors) == {"ood.early.means", "ood.early.precision", "ood.norm5.means", "ood.norm5.precision"}
+    meta = json.loads(json.dumps({"classes": list("abcd"), "ood": detector.to_meta()}))
+    restored = OODDetector.from_checkpoint(load_tensors(save_tensors(tensors)), meta)
+    assert restored.layer_names == detector.layer_names and restored.threshold == detector.threshold
+    assert torch.equal(restored.score(val), detector.score(val))
+    del tensors["ood.early.precision"]                      # a layer's statistics lost: not usable
+    assert OODDetector.from_checkpoint(tensors, meta) is None
+
+
+def test_checkpoints_from_before_several_layers_still_load(fitted):
+    """Method "mahalanobis-tied": ood.means / ood.precision, score = raw distance, threshold as stored."""
+    detector, val = fitted
+    layer = only_layer(detector)
+    raw_threshold = 7.5
+    meta = {"classes": list("abcd"), "ood": {"method": "mahalanobis-tied", "threshold": raw_threshold,
+                                             "percentile": 95.0, "shrinkage": layer.shrinkage, "n_train": 800}}
+    old = OODDetector.from_checkpoint({"ood.means": layer.means, "ood.precision": layer.precision}, meta)
+    assert old.layer_names == (FINAL_LAYER,) and old.method == "mahalanobis-tied"
+    assert old.threshold == raw_threshold and old.layers[FINAL_LAYER].scale == 1.0
+    torch.testing.assert_close(old.score(val[:10]), (detector.score(val[:10]).double() * layer.scale).float())
+
+
+def test_layer_mismatches_are_explained(layered):
+    detector, val = layered
+    with pytest.raises(ValueError, match="missing pooled features for layer"):
+        detector.score({FINAL_LAYER: val[FINAL_LAYER]})
+    with pytest.raises(ValueError, match="reads 2 layers"):
+        detector.score(val[FINAL_LAYER])
+    train, labels = two_layers(100, seed=25)
+    with pytest.raises(ValueError, match="validation features have layers"):
+        fit_ood(train, labels, {FINAL_LAYER: val[FINAL_LAYER]})
+    with pytest.raises(ValueError, match="N features per layer"):
+        fit_ood(dict(train, early=train["early"][:50]), labels)

@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 
 import conftest
-from conftest import tiny_model, write_tiny_checkpoint
+from conftest import detector_around, tiny_model, write_tiny_checkpoint
 from mediscan.checkpoint import CheckpointError
 from mediscan.imaging import ImageReadError, read_image
-from mediscan.ood import fit_ood
 from mediscan.predictor import (DEFAULT_CHECKPOINT, ENV_CHECKPOINT, TRAIN_COMMAND, Explanation, ModelNotFoundError,
                                 Prediction, Predictor, UnknownClassError, resolve_checkpoint_path)
 from mediscan.preprocessing import preprocess
@@ -97,14 +96,7 @@ def build_tiny_model():
 def fit_detector_on(model, images01: list[np.ndarray]):
     """OOD statistics around the features of ``images01`` (image k = class k), jittered copies."""
     batch = torch.stack([preprocess(image, SIZE)[0] for image in images01])
-    with torch.no_grad():
-        centres = model.pooled_features(batch)
-    spread = centres.std(0, keepdim=True) * 0.3 + 1e-3
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(200) % len(images01)
-    train = centres[labels] + torch.randn(200, centres.shape[1], generator=gen) * spread
-    val = centres[labels] + torch.randn(200, centres.shape[1], generator=gen) * spread
-    return fit_ood(train, labels, val)
+    return detector_around(model, batch)
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +236,11 @@ def test_probabilities_use_the_checkpoint_temperature(predictor, plain_predictor
 
 
 def test_ood_score_is_the_detector_score_of_the_pooled_features(predictor, reference_image, reference_prediction):
+    assert predictor.ood.layer_names == ("denseblock1", "norm5")     # the default: an early and the final layer
     x = preprocess(to_u8(reference_image) / np.float32(255), SIZE)[0][None]
     with torch.no_grad():
-        expected = float(predictor.ood.score(predictor.model.pooled_features(x))[0])
+        _, pooled = predictor.model.tapped_features(x, predictor.ood.layer_names)
+    expected = float(predictor.ood.score(pooled)[0])
     assert reference_prediction.ood_score == pytest.approx(expected, rel=1e-3)
 
 

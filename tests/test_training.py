@@ -58,7 +58,8 @@ def test_best_checkpoint_carries_metadata_and_reproduces_its_metrics(trained):
     assert meta["train_args"]["head_epochs"] == 3 and meta["train_args"]["batch_size"] == 8
     assert meta["dataset_fingerprint"]["files"] == 96
     assert meta["temperature"] > 0 and meta["ood"]["threshold"] > 0
-    assert any(k.startswith("ood.") for k in loaded.extra)
+    assert [layer["name"] for layer in meta["ood"]["layers"]] == ["denseblock1", "norm5"]
+    assert {"ood.denseblock1.means", "ood.norm5.precision"} <= set(loaded.extra)
     assert "torch" in meta["versions"] and meta["weight_source"].startswith("none")
     # The same predictions come back from the file: recompute test accuracy with the loaded model.
     splits = scan_dataset(config.data)
@@ -174,3 +175,45 @@ def test_colour_training_images_are_named_in_the_log_and_the_report_notes(tmp_pa
     warning = [line for line in lines if line.startswith("WARNING: 1 image(s) are colour pictures")]
     assert warning and "heart_train_0.png" in warning[0] and "out of scope" in warning[0]
     assert warning[0] in describe_dataset(splits, config)
+
+
+def _as_legacy_checkpoint(best: Path, target: Path) -> Path:
+    """``best`` rewritten as a checkpoint from before the detector read several layers: method
+    "mahalanobis-tied", one final-layer statistic under ood.means / ood.precision, a raw threshold."""
+    from mediscan.checkpoint import save_checkpoint
+    loaded = load_checkpoint(best)
+    final = loaded.extra["ood.norm5.means"], loaded.extra["ood.norm5.precision"]
+    meta = dict(loaded.meta, ood={"method": "mahalanobis-tied", "threshold": 12.5, "percentile": 95.0,
+                                  "shrinkage": 0.1, "n_train": 32, "n_val": 32})
+    return save_checkpoint(target, loaded.model, meta, {"ood.means": final[0], "ood.precision": final[1]})
+
+
+def test_refit_ood_upgrades_an_old_checkpoint_to_what_training_stores(trained, tmp_path, capsys):
+    from mediscan.ood import OODDetector
+    config, result, _ = trained
+    old = _as_legacy_checkpoint(result.best_path, tmp_path / "old" / "best.safetensors")
+    before = load_checkpoint(old)
+    assert OODDetector.from_checkpoint(before.extra, before.meta).layer_names == ("norm5",)
+
+    code = cli.main(["--refit-ood", str(old), "--data", config.data, "--out", str(tmp_path / "new")])
+    assert code == cli.EXIT_OK, capsys.readouterr().err
+    assert "refitted on 32 train / 32 val images (denseblock1, norm5" in capsys.readouterr().out
+    assert load_checkpoint(old).meta["ood"]["method"] == "mahalanobis-tied"      # --out: original untouched
+    refitted = load_checkpoint(tmp_path / "new" / "best.safetensors")
+    trained_meta = read_metadata(result.best_path)
+    # Same model, same data, same code as training's own fit: the same detector.
+    assert refitted.meta["ood"]["threshold"] == pytest.approx(trained_meta["ood"]["threshold"], rel=1e-5)
+    assert [layer["name"] for layer in refitted.meta["ood"]["layers"]] == ["denseblock1", "norm5"]
+    assert not {"ood.means", "ood.precision"} & set(refitted.extra)
+    for name, tensor in before.model.state_dict().items():                       # predictions unchanged
+        assert torch.equal(tensor, refitted.model.state_dict()[name]), name
+    assert refitted.meta["temperature"] == before.meta["temperature"]
+
+
+def test_refit_ood_refuses_a_dataset_with_other_classes(trained, tmp_path, capsys):
+    _, result, _ = trained
+    other = make_dataset(tmp_path / "other", per_class=2, classes=("hand", "knee", "skull", "spine"))
+    code = cli.main(["--refit-ood", str(result.best_path), "--data", str(other), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_NO_MODEL and "has classes ['hand', 'knee', 'skull', 'spine']" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
