@@ -19,7 +19,8 @@ Scaling to [0, 1] -- the rule every caller relies on:
   zeros (never NaN).
 
 DICOM is parsed from memory (uploads never touch the disk); multi-frame files give frame
-1 plus a warning; MONOCHROME1 is inverted so that bone is bright; a compressed transfer
+1 plus a warning, with frame 1's rescale and window when an enhanced file keeps them in
+functional groups; MONOCHROME1 is inverted so that bone is bright; a compressed transfer
 syntax without an installed decoder plugin is reported with the pip package to add.
 
 Colour is reduced to luminance (ITU-R 601-2, Pillow's "L" conversion). Alpha is
@@ -496,6 +497,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
             # number of its descriptor; BitsStored describes the palette indices.
             colour_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         if samples == 1:
+            _lift_frame_functional_groups(ds)
             arr = apply_modality_lut(arr, ds)  # stored values -> e.g. Hounsfield units
             arr = apply_voi_lut(arr, ds, index=0)  # VOI LUT, else WindowCenter/Width
             if photometric == "MONOCHROME1":
@@ -518,6 +520,29 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> De
     notes = [f"multi-frame DICOM: using frame 1 of {frames}"] if frames > 1 else []
     return _finish(pixels, label, "DICOM", 8 if bits <= 8 else 16 if bits <= 16 else 32, notes, modality,
                    colourfulness=colour)
+
+
+#: Enhanced multi-frame DICOM (enhanced CT / MR / XA ...) keeps the rescale and window of each frame in
+#: functional-group macros, not at the top level where pydicom's LUT functions look for them.
+_FRAME_MACROS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+
+
+def _lift_frame_functional_groups(ds) -> None:
+    """Copy frame 1's rescale and window from an enhanced DICOM's functional groups to the top level of
+    ``ds`` (our own parsed copy), so that they are applied like a classic DICOM's. The per-frame group
+    overrides the shared one, as the standard says; classic files have neither and are left alone."""
+    groups = [seq[0] for seq in (ds.get("PerFrameFunctionalGroupsSequence"),
+                                 ds.get("SharedFunctionalGroupsSequence")) if seq]
+    for macro, keywords in _FRAME_MACROS.items():
+        item = next((group.get(macro)[0] for group in groups if group.get(macro)), None)
+        if item is None:
+            continue
+        for keyword in keywords:
+            if keyword in item:
+                setattr(ds, keyword, item[keyword].value)
 
 
 def _first_frame(ds, frames: int) -> np.ndarray:

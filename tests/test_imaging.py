@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
-from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 from mediscan.imaging import (
@@ -361,6 +361,38 @@ def test_dicom_multiframe_uses_first_frame_with_warning():
     check_output(img)
     np.testing.assert_allclose(img.pixels, stretched(frames[0]), atol=1e-6)
     assert img.warnings == ("multi-frame DICOM: using frame 1 of 3",)
+
+
+def _item(**elements) -> Dataset:
+    item = Dataset()
+    for key, value in elements.items():
+        setattr(item, key, value)
+    return item
+
+
+def test_dicom_enhanced_multiframe_uses_frame_one_functional_groups():
+    """Enhanced CT/MR keep rescale and window per frame in functional groups: frame 1's are applied
+    (per-frame over shared), as the top-level ones of a classic file are."""
+    frames = np.full((2, H, W), 1024, np.uint16)          # stored 1024 -> 0 HU with the shared rescale
+    frames[0, 0, 0], frames[0, 0, 1], frames[0, 0, 2] = 500, 4000, 824
+    rescale = _item(PixelValueTransformationSequence=[_item(RescaleSlope=1, RescaleIntercept=-1024,
+                                                             RescaleType="HU")])
+    per_frame = [_item(FrameVOILUTSequence=[_item(WindowCenter=0, WindowWidth=400)]),
+                 _item(FrameVOILUTSequence=[_item(WindowCenter=3000, WindowWidth=10)])]
+    shared = _item(PixelValueTransformationSequence=rescale.PixelValueTransformationSequence,
+                   FrameVOILUTSequence=[_item(WindowCenter=2000, WindowWidth=10)])   # overridden per frame
+    data = make_dicom(frames, bits_stored=12, NumberOfFrames=2, SharedFunctionalGroupsSequence=[shared],
+                      PerFrameFunctionalGroupsSequence=per_frame)
+    img = read_image(data)
+    px = img.pixels
+    # The same as test_dicom_window_is_applied_after_rescale: the soft-tissue window of frame 1.
+    assert px[0, 0] == 0.0 and px[0, 1] == 1.0
+    assert px[0, 2] == pytest.approx(0.0, abs=0.01)
+    assert px[5, 5] == pytest.approx(0.5, abs=0.01)
+    assert img.warnings == ("multi-frame DICOM: using frame 1 of 2",)
+    # Without the functional groups the full range is stretched instead: the window did something.
+    plain = read_image(make_dicom(frames, bits_stored=12, NumberOfFrames=2)).pixels
+    assert plain[5, 5] == pytest.approx((1024 - 500) / (4000 - 500), abs=0.01)
 
 
 def test_dicom_rgb_becomes_grayscale():
