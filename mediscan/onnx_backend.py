@@ -281,7 +281,6 @@ class OnnxClassifier(nn.Module):
     * ``features(x)`` -> the final feature map, already rectified (``grad_cam``'s fast path applies ReLU
       to it again, which changes nothing), and ``head.fc`` -> the checkpoint's Linear layer: together all
       the closed-form Grad-CAM fast path needs;
-    * ``pooled_features(x)`` -> the map's spatial mean;
     * ``tapped_features(x, layers)`` -> the map and the pooled features of ``layers`` (out-of-scope check),
       from one session call, like :meth:`mediscan.model.OrganClassifier.tapped_features`.
 
@@ -304,9 +303,8 @@ class OnnxClassifier(nn.Module):
         return super().train(False)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        logits, feature_map = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
-        return torch.from_numpy(logits), torch.from_numpy(feature_map)
+        logits, feature_map = self._outputs(x, OUTPUT_NAMES)
+        return logits, feature_map
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
@@ -314,19 +312,18 @@ class OnnxClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[1]
 
-    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)[1].mean(dim=(2, 3))
-
     def tapped_features(self, x: torch.Tensor, layers=()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         taps = _exported_taps(layers)
-        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        outputs = self.session.run([OUTPUT_NAMES[1], *(pooled_output_name(name) for name in taps)],
-                                   {INPUT_NAME: array})
-        feature_map = torch.from_numpy(outputs[0])
-        pooled = {name: torch.from_numpy(value) for name, value in zip(taps, outputs[1:])}
+        feature_map, *outputs = self._outputs(x, [OUTPUT_NAMES[1], *(pooled_output_name(name) for name in taps)])
+        pooled = dict(zip(taps, outputs))
         if FINAL_LAYER in layers:
             pooled[FINAL_LAYER] = feature_map.mean(dim=(2, 3))
         return feature_map, {name: pooled[name] for name in layers}
+
+    def _outputs(self, x: torch.Tensor, names) -> list[torch.Tensor]:
+        """One session call: the graph outputs ``names`` for ``x``, as CPU float32 tensors."""
+        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return [torch.from_numpy(value) for value in self.session.run(list(names), {INPUT_NAME: array})]
 
 
 def load_onnx_classifier(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike, fc: nn.Linear,
