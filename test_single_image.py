@@ -56,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     folder = parser.add_argument_group("folder mode (when INPUT is a folder)")
     folder.add_argument("--csv", type=Path, default=None, help=f"results CSV (default: ./{CSV_NAME})")
     folder.add_argument("--overlays", type=Path, default=None, help="also write one overlay PNG per image here")
-    folder.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    folder.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: 8 on the CPU, 16 on a GPU)")
     folder.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 

@@ -63,6 +63,11 @@ ENV_CHECKPOINT = "MEDISCAN_MODEL"
 TRAIN_COMMAND = "python densenet121_xray_classifier.py --data dataset --out models"
 VERDICTS = ("confident", "uncertain", "out_of_scope")
 DEFAULT_UNCERTAIN_BELOW = 0.6
+#: Images per forward pass in predict_many / explain_many when the caller does not say. On the CPU,
+#: DenseNet's activations for 16 images at 224 px no longer fit the caches: bench/infer_speed.py on the
+#: 2-core development machine (1 thread, PyTorch) gave 8.1 images/s at batch 8 and 5.4 at batch 16,
+#: against 6.4-8.4 one image at a time; ONNX Runtime was flat (11.6-12.8). GPUs keep 16.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 16
 
 ImageInput = Any  # str | os.PathLike | bytes | binary file-like | DecodedImage
 
@@ -248,7 +253,7 @@ class Predictor:
 
     Attributes: ``checkpoint_path``, ``classes`` (tuple), ``meta`` (the checkpoint's metadata),
     ``input_size``, ``temperature``, ``device``, ``ood`` (:class:`OODDetector` or ``None``),
-    ``max_pixels``, ``uncertain_below``, ``backend`` (``"torch"`` or ``"onnx"``: the one in use),
+    ``max_pixels``, ``uncertain_below``, ``batch_size`` (default of the batched calls), ``backend`` (``"torch"`` or ``"onnx"``: the one in use),
     ``net`` (what runs: ``model`` itself, or an :class:`~mediscan.onnx_backend.OnnxClassifier`).
     """
 
@@ -274,6 +279,7 @@ class Predictor:
                                   f"retrain or restore the checkpoint.") from None
         self.max_pixels = int(max_pixels)
         self.uncertain_below = float(uncertain_below)
+        self.batch_size = CPU_BATCH_SIZE if self.device.type == "cpu" else GPU_BATCH_SIZE
         self.backend, self.net = select_backend(backend, self.checkpoint_path, self.device, self.model,
                                                 self.input_size, onnx_path, taps=self._ood_layers)
 
@@ -353,9 +359,10 @@ class Predictor:
         faith = self._faithfulness(batch, cam.cams, explained) if faithfulness else {}
         return Explanation(prediction, self.classes[explained], method, decoded.pixels, heatmap, faith)
 
-    def predict_many(self, images: Iterable[ImageInput], *, batch_size: int = 16,
+    def predict_many(self, images: Iterable[ImageInput], *, batch_size: int | None = None,
                      names: Sequence[str | None] | None = None, progress=None) -> list[Prediction | ImageReadError]:
-        """Classify many images with batched forward passes (folder mode, API batch endpoint).
+        """Classify many images with batched forward passes (folder mode, API batch endpoint),
+        ``batch_size`` at a time (default :attr:`batch_size`: 8 on the CPU, 16 on a GPU).
 
         Returns one item per input, in order: a :class:`Prediction`, or the :class:`ImageReadError`
         for an input that could not be decoded (so one bad file never stops a batch).
@@ -363,7 +370,7 @@ class Predictor:
         """
         return self._run_many(images, batch_size, names, with_maps=False, progress=progress)
 
-    def explain_many(self, images: Iterable[ImageInput], *, batch_size: int = 16,
+    def explain_many(self, images: Iterable[ImageInput], *, batch_size: int | None = None,
                      names: Sequence[str | None] | None = None, progress=None) -> list[Explanation | ImageReadError]:
         """Like :meth:`predict_many`, with each image's heatmap for its predicted class (no faithfulness)."""
         return self._run_many(images, batch_size, names, with_maps=True, progress=progress)
@@ -467,6 +474,7 @@ class Predictor:
     def _run_many(self, images: Iterable[ImageInput], batch_size: int, names, *, with_maps: bool,
                   progress=None) -> list:
         """Decode every input, then run the good ones through the model ``batch_size`` at a time."""
+        batch_size = self.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         images = list(images)
