@@ -5,7 +5,10 @@
 Trains the same tiny synthetic task twice from the same weights (no augmentation, 1 head + 2 fine-tuning
 epochs, 64 px): once replaying a captured CUDA graph, once eagerly. Prints the validation curves of both
 and the largest weight difference; bf16 kernels are not bit-reproducible, so it checks closeness, not
-equality. Exits 1 if they disagree. On a machine without CUDA it says so and exits 0.
+equality. Then loads the graphed run's checkpoint in the Predictor on the GPU and checks the
+out-of-scope promise there: at most 5 % of the validation images flagged (training ran under bf16; the
+detector must have been fitted on the fp32 numbers the Predictor computes). Exits 1 if either check
+fails. On a machine without CUDA it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import make_dataset  # noqa: E402
 from mediscan.checkpoint import load_checkpoint  # noqa: E402
+from mediscan.predictor import Predictor  # noqa: E402
 from mediscan.training import TrainConfig, fit  # noqa: E402
 
 
@@ -48,7 +52,20 @@ def main() -> int:
         print(f"largest relative weight difference after training: {diff:.3e}; largest val-loss gap: {val_gap:.3e}")
         ok = val_gap < 0.05
         print("OK: graphed and eager training agree" if ok else "MISMATCH between graphed and eager training")
-        return 0 if ok else 1
+        promise = out_of_scope_promise_holds(Path(tmp) / "graphs_True" / "best.safetensors", data)
+        return 0 if ok and promise else 1
+
+
+def out_of_scope_promise_holds(checkpoint: Path, data: Path) -> bool:
+    """Does the Predictor, on the GPU, flag at most 5 % of the validation images the detector was fitted on?"""
+    predictor = Predictor(checkpoint, "cuda")
+    paths = sorted((data / "val").rglob("*.png"))
+    flagged = sum(p.is_out_of_scope for p in predictor.predict_many(paths))
+    share = flagged / len(paths)
+    print(f"Predictor on cuda flags {flagged}/{len(paths)} validation images ({share:.1%}) as out of scope")
+    ok = share <= 0.05
+    print("OK: at most 5 % of validation flagged" if ok else "MISMATCH: the out-of-scope threshold does not hold")
+    return ok
 
 
 if __name__ == "__main__":
