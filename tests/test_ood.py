@@ -94,6 +94,19 @@ def test_score_is_zero_at_class_means_and_grows_along_a_ray(fitted):
     assert (scores.diff() > 0).all()
 
 
+def test_the_threshold_keeps_a_margin_from_every_validation_score(fitted):
+    """Training computes the validation features once; inference recomputes them with other rounding
+    (GPU TF32, another batch size, ONNX Runtime). A threshold equal to the 95th-percentile image's own
+    score would flag that image on the slightest upward noise, so it lies halfway to the next score."""
+    detector, val = fitted
+    scores = detector.score(val).double()
+    largest_kept = float(scores[scores <= detector.threshold].max())
+    smallest_flagged = float(scores[scores > detector.threshold].min())
+    assert largest_kept < detector.threshold < smallest_flagged
+    assert detector.threshold - largest_kept == pytest.approx((smallest_flagged - largest_kept) / 2)
+    assert int((scores > detector.threshold).sum()) == 39          # those above the 95th percentile, as before
+
+
 def test_score_matches_the_definition(fitted):
     """min_c sqrt((x - mu_c)^T P (x - mu_c)) / scale, computed the slow way."""
     detector, val = fitted
@@ -104,8 +117,11 @@ def test_score_matches_the_definition(fitted):
         torch.stack([((xi - mu.double()) @ p @ (xi - mu.double())).sqrt() for mu in layer.means]).min()
         for xi in x]) / layer.scale
     assert torch.allclose(detector.score(val[:5]).double(), expected, rtol=1e-4)
-    # One layer: the scale is the 95th-percentile validation distance, so the threshold is exactly 1.
-    assert detector.threshold == 1.0
+    # One layer: the scale is the 95th-percentile validation distance, so that image scores 1.0 and the
+    # threshold lies halfway between it and the next higher validation score.
+    scores = detector.score(val).double()
+    next_higher = float(scores[scores > 1.0].min())
+    assert detector.threshold == pytest.approx((1.0 + next_higher) / 2.0)
 
 
 def test_more_dimensions_than_samples_is_handled_by_shrinkage():
