@@ -40,12 +40,12 @@ passed instead (``shrinkage=0.1``).
 
 Threshold rule: an image is flagged when its score is strictly above ``threshold``, which lies halfway
 between the ``percentile``-th percentile (default 95) of the (combined) scores of held-out
-in-distribution images and the next higher of those scores, so at most ``100 - percentile`` % (5 %)
-of those images are flagged, and rounding noise between training and inference cannot flag one more. The held-out images are the
-validation set when given. Without one, the training scores cannot be used directly (the means and
-covariance were fitted to them, so they are optimistically small and the threshold would flag far
-more than 5 % of new images); the scores then come from 5-fold cross-fitting on the training set
-(fit on four fifths, score the fifth left out).
+in-distribution images and the next higher of those scores. So at most ``100 - percentile`` % (5 %)
+of those images are flagged, and small rounding differences between training and inference do not
+flag one more. The held-out images are the validation set when given. Without one, the training
+scores cannot be used directly (the means and covariance were fitted to them, so they are
+optimistically small and the threshold would flag far more than 5 % of new images); the scores then
+come from 5-fold cross-fitting on the training set (fit on four fifths, score the fifth left out).
 
 Checkpoints written before several layers were used hold one layer (``norm5``) under the method name
 ``mahalanobis-tied``; they load as a one-layer detector with scale 1, so their scores and threshold
