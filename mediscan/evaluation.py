@@ -212,7 +212,8 @@ def write_report(out_dir: Path, *, classes: list[str], metrics: dict, meta: dict
         "",
         "## Test set",
         "",
-        f"| images | accuracy | macro F1 | macro ROC-AUC | ECE | ECE after temperature scaling (T={metrics['temperature']:.3f}) |",
+        "| images | accuracy | macro F1 | macro ROC-AUC | ECE "
+        f"| ECE after temperature scaling (T={metrics['temperature']:.3f}) |",
         "|---|---|---|---|---|---|",
         f"| {metrics['n']} | {_fmt(metrics['accuracy'])} | {_fmt(metrics['macro_f1'])} | "
         f"{_fmt(metrics['macro_roc_auc'])} | {_fmt(metrics['ece'])} | {_fmt(metrics['ece_calibrated'])} |",

@@ -286,8 +286,8 @@ class OnnxClassifier(nn.Module):
 
     On the fast path, ``grad_cam`` computes the logits as ``head.fc(mean(map))`` from the one session call,
     exactly as it does for PyTorch; the graph's own ``logits`` output serves ``forward`` (faithfulness) and
-    other consumers of the .onnx file. It has no state besides the session (thread-safe ``run``) and the read-only Linear layer, and is
-    always in eval mode.
+    other consumers of the .onnx file. It has no state besides the session (thread-safe ``run``) and the
+    read-only Linear layer, and is always in eval mode.
     """
 
     def __init__(self, session, fc: nn.Linear, path: Path):

@@ -253,7 +253,8 @@ class Predictor:
 
     Attributes: ``checkpoint_path``, ``classes`` (tuple), ``meta`` (the checkpoint's metadata),
     ``input_size``, ``temperature``, ``device``, ``ood`` (:class:`OODDetector` or ``None``),
-    ``max_pixels``, ``uncertain_below``, ``batch_size`` (default of the batched calls), ``backend`` (``"torch"`` or ``"onnx"``: the one in use),
+    ``max_pixels``, ``uncertain_below``, ``batch_size`` (default of the batched calls), ``backend``
+    (``"torch"`` or ``"onnx"``: the one in use),
     ``net`` (what runs: ``model`` itself, or an :class:`~mediscan.onnx_backend.OnnxClassifier`).
     """
 

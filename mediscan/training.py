@@ -466,8 +466,9 @@ def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitRe
                     if cached_pooled is None:
                         cached_pooled = pooled_training_features(model, train.images, config, device, None)
                     pooled = cached_pooled[indices.to(cached_pooled.device)]
-                totals = train_head_epoch(model, trainable, pooled, train.labels[indices.to(train.labels.device)].to(device),
-                                          optimizer, criterion, config, local_batch, epoch)
+                labels = train.labels[indices.to(train.labels.device)].to(device)
+                totals = train_head_epoch(model, trainable, pooled, labels, optimizer, criterion, config,
+                                          local_batch, epoch)
             else:
                 if use_graphs and graphed is None:
                     graphed = _try_graph(model, optimizer, criterion, train, indices, local_batch, config, device, log)
@@ -620,8 +621,9 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
         report = write_report(out, classes=splits.classes, metrics=test_metrics, meta=meta, checkpoint=best_path,
                               history_png=curves, gallery_png=gallery, val_metrics=val_metrics,
                               dataset_notes=notes)
+        roc_auc = test_metrics["macro_roc_auc"]
         log(f"test: accuracy {test_metrics['accuracy']:.3f}, macro F1 {test_metrics['macro_f1']:.3f}, "
-            f"macro ROC-AUC {test_metrics['macro_roc_auc'] if test_metrics['macro_roc_auc'] is None else round(test_metrics['macro_roc_auc'], 3)}, "
+            f"macro ROC-AUC {roc_auc if roc_auc is None else round(roc_auc, 3)}, "
             f"ECE {test_metrics['ece']:.3f} -> {test_metrics['ece_calibrated']:.3f}")
         log(f"report: {report}")
     return report, test_metrics, notes
