@@ -346,8 +346,9 @@ def _threshold(scores: torch.Tensor, percentile: float) -> float:
     the Predictor does (GPU TF32 convolutions, another batch size or memory layout, ONNX Runtime). A
     checkpoint trained on a GPU flagged 10 of its 186 validation images (5.4 %) that way, not 9.
     Halfway leaves the widest margin on both sides."""
+    scores = scores.double()
     kept = _percentile(scores, percentile)
-    above = scores.double()[scores.double() > kept]
+    above = scores[scores > kept]
     return kept if len(above) == 0 else (kept + float(above.min())) / 2.0
 
 

@@ -592,17 +592,17 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     best = load_checkpoint(best_path, device)
     model, meta = best.model, best.meta
     batch = config.batch_size * 4
-    # fp32 (amp=False) even where training ran under bf16 autocast: the Predictor answers in fp32, and the
+    # fp32 even where training ran under bf16 autocast: the Predictor answers in fp32, and the
     # temperature and the out-of-scope threshold only mean what they promise ("at most 5 % of validation
     # flagged") on the numbers it computes. Fitted on bf16 features, a trained checkpoint flagged 6.5 %.
-    val_logits, val_pooled = predict_split(model, data["val"].images, batch, device, False, OOD_LAYERS)
+    val_logits, val_pooled = predict_split(model, data["val"].images, batch, device, amp=False, layers=OOD_LAYERS)
     temperature = fit_temperature(val_logits, data["val"].labels)
-    _, train_pooled = predict_split(model, data["train"].images, batch, device, False, OOD_LAYERS)
+    _, train_pooled = predict_split(model, data["train"].images, batch, device, amp=False, layers=OOD_LAYERS)
     detector = fit_ood(train_pooled, data["train"].labels.cpu(), val_pooled)
     val_metrics = classification_metrics(val_logits, data["val"].labels, splits.classes, temperature)
     test_metrics = None
     if len(data["test"]):
-        test_logits, _ = predict_split(model, data["test"].images, batch, device, False)
+        test_logits, _ = predict_split(model, data["test"].images, batch, device, amp=False)
         test_metrics = classification_metrics(test_logits, data["test"].labels, splits.classes, temperature)
     meta.update(temperature=temperature, ood=detector.to_meta(),
                 metrics={"val": _headline(val_metrics), "test": _headline(test_metrics)})
