@@ -167,15 +167,14 @@ def goal(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def layer_flags(predictor: Predictor, samples: list[Sample]) -> dict[str, np.ndarray]:
-    """Per detector layer: which images that layer's relative distance alone puts above the threshold
-    (the detector flags an image when any layer does). One extra forward pass over ``samples``."""
+def layer_flags(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
+    """Per detector layer: which of the decoded ``images`` that layer's relative distance alone puts above
+    the threshold (the detector flags an image when any layer does). One extra forward pass over them."""
     import torch
     from mediscan.preprocessing import preprocess
     flags: dict[str, list] = {name: [] for name in predictor.ood.layer_names}
-    for start in range(0, len(samples), 16):
-        batch = torch.stack([preprocess(read_image(s.data).pixels, predictor.input_size)[0]
-                             for s in samples[start:start + 16]])
+    for start in range(0, len(images), 16):
+        batch = torch.stack([preprocess(image.pixels, predictor.input_size)[0] for image in images[start:start + 16]])
         with torch.no_grad():
             _, pooled = predictor.net.tapped_features(batch.to(predictor.device), predictor.ood.layer_names)
         for name, scores in predictor.ood.layer_scores(pooled).items():
@@ -213,12 +212,13 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
     print(f"  {'all':16s} flagged out_of_scope: {percent(flagged_ood, len(ood_results))}   "
           f"goal >= 95%: {goal(has_ood and flagged_ood >= 0.95 * len(ood_results))}")
     # Which of the two checks carries the figure: the colour check alone, and the feature detector alone.
-    colour = [read_image(s.data).is_colour for s in ood_samples]
+    decoded = [read_image(s.data) for s in ood_samples]      # once, for both breakdowns below
+    colour = [image.is_colour for image in decoded]
     if has_ood:
         by_features = [r.ood_score > predictor.ood.threshold for r in ood_results]
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))}; Mahalanobis detector alone "
               f"flags {percent(sum(by_features), len(by_features))}")
-        for layer, flags in layer_flags(predictor, ood_samples).items():
+        for layer, flags in layer_flags(predictor, decoded).items():
             print(f"  {'  layer ' + layer:16s} above the threshold on its own: {percent(int(flags.sum()), len(flags))}")
     else:
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))} (the only check here)")

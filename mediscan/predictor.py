@@ -445,9 +445,8 @@ class Predictor:
         if decoded.is_colour:
             return "out_of_scope", (
                 f"This is a colour image (colourfulness {decoded.colourfulness:.2f}, above {COLOUR_LIMIT:g}) "
-                f"and X-rays are "
-                f"grayscale, so the '{top_class}' prediction should not be trusted. Upload the original "
-                f"grayscale radiograph.")
+                f"and X-rays are grayscale, so the '{top_class}' prediction should not be trusted. Upload "
+                f"the original grayscale radiograph.")
         if flagged:
             return "out_of_scope", (
                 f"This image does not resemble the X-rays the model was trained on (out-of-scope score "

@@ -62,8 +62,7 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     meta = dict(loaded.meta, ood=detector.to_meta())
     target = Path(out) / checkpoint.name if out else checkpoint
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(target, loaded.model, meta,
-                             {**_other_extra(loaded.extra), **detector.to_tensors()})
+    save_checkpoint(target, loaded.model, meta, {**_other_extra(loaded.extra), **detector.to_tensors()})
     log(f"out-of-scope statistics refitted on {detector.n_train} train / {detector.n_val} val images "
         f"({', '.join(detector.layer_names)}; threshold {detector.threshold:.3f}) in "
         f"{time.perf_counter() - started:.1f}s: {target}")
