@@ -25,14 +25,14 @@ def _run_by_streamlit() -> bool:
 def main(argv: list[str]) -> int:
     """``python app.py flask ...`` starts the API; anything else prints how to start either."""
     if argv[:1] == ["flask"]:
-        from mediscan.serve import main as serve_main
+        from mediscan.apps.serve import main as serve_main
         return serve_main(argv[1:])
     print(USAGE, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 
 
 if _run_by_streamlit():
-    from mediscan.dashboard import render
+    from mediscan.apps.dashboard import render
     render()
 elif __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Grad-CAM and Grad-CAM++ for the MediScan organ classifier, plus overlay helpers and a faithfulness score.
+"""Grad-CAM and Grad-CAM++ for the MediScan organ classifier: the CAM maths, nothing else.
 
 Imports only torch / numpy / OpenCV / Pillow / the standard library -- nothing of the project -- and relies
 on duck typing: a model with ``model.features`` (backbone, output ``(B, C, h, w)`` *before* its final ReLU)
@@ -24,23 +24,22 @@ Example::
 
     result = grad_cam(model, x)                       # x: (B, 1, S, S) in [-1024, 1024]
     heat = cam_to_original(result.cams[0].numpy(), geometry)
-    png = png_bytes(overlay(image01, heat, alpha=0.4))
+
+Overlays live in ``mediscan.explain.overlays`` and the faithfulness score in ``mediscan.explain.faithfulness``.
 """
 from __future__ import annotations
 
 import contextvars
-import io
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-__all__ = ["DEFAULT_TARGET", "METHODS", "CamResult", "grad_cam", "cam_to_original", "colorize", "overlay",
-           "png_bytes", "faithfulness"]
+__all__ = ["DEFAULT_TARGET", "METHODS", "CamResult", "grad_cam", "cam_to_original", "check_eval", "class_index_tensor",
+           "model_device"]
 
 #: The full final feature map: 1024 channels after norm5 + ReLU (the output of ``model.head.relu``).
 DEFAULT_TARGET = "head.relu"
@@ -90,11 +89,11 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, classes=None, *, method: st
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_eval(model)
+    check_eval(model)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4 or inputs.shape[0] == 0:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(f"inputs must be a non-empty (B, C, H, W) tensor, got {shape}")
-    device = _model_device(model)
+    device = model_device(model)
     if device is not None:
         inputs = inputs.to(device)
 
@@ -131,7 +130,7 @@ def _fast_path(model, inputs, classes, method, feature_map=None):
         activations = F.relu(feature_map)                               # (B, C, h, w)
         pooled = F.adaptive_avg_pool2d(activations, 1).flatten(1)      # (B, C)
         logits = fc(pooled)
-        class_indices = _class_indices(classes, logits)
+        class_indices = class_index_tensor(classes, logits)
         h, w = activations.shape[-2:]
         # d logit_c / d A_kij = W_ck / (h w), the same at every position.
         grads = fc.weight[class_indices].to(activations.dtype) / (h * w)  # (B, C)
@@ -243,7 +242,7 @@ def _general_path(model, inputs, classes, method, layer):
         activations = capture.activation
         if activations.ndim != 4:
             raise ValueError(f"target layer output must be (B, C, h, w), got {tuple(activations.shape)}")
-        class_indices = _class_indices(classes, logits.detach())
+        class_indices = class_index_tensor(classes, logits.detach())
         score = logits.gather(1, class_indices[:, None]).sum()  # items are independent in eval mode
         (grads,) = torch.autograd.grad(score, activations)
     with torch.no_grad():
@@ -261,14 +260,16 @@ def _general_path(model, inputs, classes, method, layer):
 # Shared helpers
 # --------------------------------------------------------------------------------------------------
 
-def _check_eval(model: nn.Module) -> None:
+def check_eval(model: nn.Module) -> None:
+    """Raise ValueError unless every module of ``model`` is in eval mode (nothing here changes the mode)."""
     training = [name or "<model>" for name, module in model.named_modules() if module.training]
     if training:
         raise ValueError(f"grad_cam needs a model in eval mode (call model.eval() once when loading it); "
                          f"in training mode: {', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the first parameter, or None for a model without parameters."""
     for parameter in model.parameters():
         return parameter.device
     return None
@@ -288,7 +289,7 @@ def _resolve_layer(model: nn.Module, target_layer: str | nn.Module) -> nn.Module
                     f"got {type(target_layer).__name__}")
 
 
-def _class_indices(classes, logits: torch.Tensor) -> torch.Tensor:
+def class_index_tensor(classes, logits: torch.Tensor) -> torch.Tensor:
     """None / int / sequence / tensor -> (B,) long tensor on the logits' device, range-checked."""
     batch, n_classes = logits.shape
     if classes is None:
@@ -351,139 +352,3 @@ def cam_to_original(cam: np.ndarray, geometry) -> np.ndarray:
     full = np.zeros((height, width), dtype=np.float32)
     full[top:top + side, left:left + side] = np.clip(cam, 0.0, 1.0)
     return full
-
-
-def _colormap_code(colormap: str) -> int:
-    code = getattr(cv2, f"COLORMAP_{str(colormap).upper()}", None)
-    if code is None:
-        names = sorted(n[9:].lower() for n in dir(cv2) if n.startswith("COLORMAP_"))
-        raise ValueError(f"unknown colormap {colormap!r}; OpenCV has {', '.join(names)}")
-    return code
-
-
-def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
-    """``(H, W)`` map in [0, 1] -> ``(H, W, 3)`` uint8 **RGB** (OpenCV's BGR output is converted).
-
-    NaN and out-of-range values are clipped, so an all-zero map gives a flat colour image.
-    """
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D, got shape {heat.shape}")
-    heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    levels = np.round(heat * 255.0).astype(np.uint8)
-    bgr = cv2.applyColorMap(levels, _colormap_code(colormap))
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def overlay(image01: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
-    """Blend a colourised heatmap over an image: ``(1 - alpha) * image + alpha * colour``, RGB uint8.
-
-    ``image01``: ``(H, W)`` grayscale or ``(H, W, 3)`` RGB in [0, 1]; ``heatmap``: ``(H, W)`` in [0, 1] with
-    the same ``H, W`` (use :func:`cam_to_original` first for an uploaded image -- a plain resize would
-    misplace the map on non-square images).
-    """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    image = np.asarray(image01, dtype=np.float32)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be (H, W) or (H, W, 3), got shape {np.shape(image01)}")
-    heat = np.asarray(heatmap)
-    if heat.shape != image.shape[:2]:
-        raise ValueError(f"heatmap shape {heat.shape} differs from image shape {image.shape[:2]}; "
-                         f"map it with cam_to_original first")
-    image = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0)
-    colour = colorize(heat, colormap).astype(np.float32) / 255.0
-    blended = (1.0 - float(alpha)) * image + float(alpha) * colour
-    return np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def png_bytes(rgb_or_gray: np.ndarray) -> bytes:
-    """Encode ``(H, W)`` gray or ``(H, W, 3)`` RGB (uint8, or float in [0, 1]) as PNG bytes."""
-    array = np.asarray(rgb_or_gray)
-    if array.dtype != np.uint8:
-        array = np.round(np.clip(np.nan_to_num(array.astype(np.float32), nan=0.0), 0.0, 1.0) * 255.0)
-        array = array.astype(np.uint8)
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ValueError(f"expected (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------------------------------
-# Faithfulness: does removing what the map highlights change the prediction?
-# --------------------------------------------------------------------------------------------------
-
-#: Replacement for removed pixels: 0.0 in the model's [-1024, 1024] range is mid-grey. A fixed value
-#: (rather than each image's mean) makes scores comparable across images, and for X-rays the mean sits in
-#: the dark background, so "removing" with it would look like adding more background.
-NEUTRAL_VALUE = 0.0
-
-# Feature-map stride of DenseNet121: random masks are drawn at this granularity so that they are blobs
-# like a Grad-CAM map, not salt-and-pepper noise (scattered pixels are a different, harsher perturbation).
-_RANDOM_MASK_STRIDE = 32
-
-
-def _removal_masks(cams: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, W) maps -> two (B, H, W) bool masks of exactly ``round(fraction * H * W)`` pixels each:
-    the highest-scoring pixels of each map, and those of a seeded random smooth map."""
-    batch, height, width = cams.shape
-    count = int(round(fraction * height * width))
-    generator = torch.Generator().manual_seed(int(seed))
-    low = torch.rand((batch, 1, max(1, height // _RANDOM_MASK_STRIDE), max(1, width // _RANDOM_MASK_STRIDE)),
-                     generator=generator)
-    # A little pixel-level noise breaks ties in the upsampled random map deterministically.
-    noise = torch.rand((batch, height, width), generator=generator) * 1e-4
-    random_map = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)[:, 0] + noise
-
-    def top(maps: torch.Tensor) -> torch.Tensor:
-        flat = maps.reshape(batch, -1).float()
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        if count > 0:
-            mask.scatter_(1, flat.topk(count, dim=1).indices, True)
-        return mask.reshape(batch, height, width)
-
-    return top(cams.detach().cpu()), top(random_map)
-
-
-def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: torch.Tensor, classes, *,
-                 fraction: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Probability drop when the most-highlighted pixels are removed, against removing random ones.
-
-    For each item, the ``fraction`` of input pixels with the highest map values is set to
-    :data:`NEUTRAL_VALUE` (mid-grey); separately, the same number of pixels chosen by a seeded random
-    blob-like mask. The intact, top-removed and random-removed inputs go through the model in ONE batched
-    forward. A faithful map gives ``drop_top`` clearly above ``drop_random``.
-
-    Args:
-        model: eval-mode classifier (same requirement as :func:`grad_cam`).
-        inputs: ``(B, 1, S, S)`` model inputs; ``cams``: ``(B, S, S)`` upsampled maps (``CamResult.cams``).
-        classes: the class each map explains (``CamResult.class_indices``), an int, or ``B`` ints.
-
-    Returns:
-        ``prob``, ``prob_top_removed``, ``prob_random_removed``, ``drop_top``, ``drop_random``: each
-        ``(B,)`` float32 on the CPU (softmax probabilities of the class).
-    """
-    if not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    _check_eval(model)
-    if inputs.ndim != 4:
-        raise ValueError(f"inputs must be (B, C, H, W), got {tuple(inputs.shape)}")
-    cams = torch.as_tensor(cams)
-    batch, _, height, width = inputs.shape
-    if tuple(cams.shape) != (batch, height, width):
-        raise ValueError(f"cams must be (B, H, W) = {(batch, height, width)}, got {tuple(cams.shape)}")
-    device = _model_device(model) or inputs.device
-    inputs = inputs.detach().to(device)
-    top_mask, random_mask = (m.to(device)[:, None] for m in _removal_masks(cams, fraction, seed))
-    neutral = torch.full_like(inputs, NEUTRAL_VALUE)
-    batched = torch.cat([inputs, torch.where(top_mask, neutral, inputs), torch.where(random_mask, neutral, inputs)])
-    with torch.no_grad():
-        probs = torch.softmax(model(batched).float(), dim=1).cpu()
-    class_indices = _class_indices(classes, probs[:batch]).cpu()
-    picked = probs.reshape(3, batch, -1).gather(2, class_indices.expand(3, batch)[:, :, None])[:, :, 0]
-    prob, prob_top, prob_random = picked
-    return {"prob": prob, "prob_top_removed": prob_top, "prob_random_removed": prob_random,
-            "drop_top": prob - prob_top, "drop_random": prob - prob_random}

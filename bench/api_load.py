@@ -45,10 +45,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from mediscan.predictor import Predictor  # noqa: E402
+from mediscan.inference.predictor import Predictor  # noqa: E402
 
 RSS_LIMIT_MB = 50.0
 
@@ -73,10 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def random_checkpoint(folder: Path, input_size: int) -> Path:
     """A random-init model at ``input_size``, with out-of-scope statistics so that scoring is timed too."""
-    from mediscan.checkpoint import new_metadata, save_checkpoint
-    from mediscan.model import build_model
-    from mediscan.ood import fit_ood
-    from mediscan.preprocessing import PreprocessConfig
+    from mediscan.core.checkpoint import new_metadata, save_checkpoint
+    from mediscan.core.model import build_model
+    from mediscan.core.ood import fit_ood
+    from mediscan.core.preprocessing import PreprocessConfig
 
     torch.manual_seed(0)
     model, source = build_model(4, weights="none")

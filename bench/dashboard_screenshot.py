@@ -19,11 +19,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))     # the browser/server helpers shared with the e2e test
-sys.path.insert(0, str(ROOT))
 
-from browser_helpers import (chromium_page, open_dashboard, playwright_missing, save_screenshot,  # noqa: E402
-                             streamlit_server, upload_images, wait_for_analysis)
+from mediscan.devtools.browser import (
+    chromium_page,
+    open_dashboard,
+    playwright_missing,
+    save_screenshot,
+    streamlit_server,  # noqa: E402
+    upload_images,
+    wait_for_analysis,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

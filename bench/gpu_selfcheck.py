@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import make_dataset  # noqa: E402
-from mediscan.checkpoint import load_checkpoint  # noqa: E402
-from mediscan.predictor import Predictor  # noqa: E402
-from mediscan.training import TrainConfig, fit  # noqa: E402
+from mediscan.core.checkpoint import load_checkpoint  # noqa: E402
+from mediscan.devtools.synthetic import make_dataset
+from mediscan.inference.predictor import Predictor  # noqa: E402
+from mediscan.training.fit import TrainConfig, fit  # noqa: E402
 
 
 def main() -> int:

@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import grad_cam  # noqa: E402
-from mediscan.model import build_model  # noqa: E402
+from mediscan.core.model import build_model  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ Timings depend on the machine and its load: compare ratios within one run, not a
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import sys
@@ -38,10 +37,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from mediscan.predictor import Predictor  # noqa: E402
+from mediscan.inference.predictor import Predictor  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,10 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def random_checkpoint(folder: Path) -> Path:
     """A 224 px random-init model with OOD statistics, written like training would."""
-    from mediscan.checkpoint import new_metadata, save_checkpoint
-    from mediscan.model import build_model
-    from mediscan.ood import DEFAULT_LAYERS, fit_ood
-    from mediscan.preprocessing import PreprocessConfig
+    from mediscan.core.checkpoint import new_metadata, save_checkpoint
+    from mediscan.core.model import build_model
+    from mediscan.core.ood import DEFAULT_LAYERS, fit_ood
+    from mediscan.core.preprocessing import PreprocessConfig
 
     torch.manual_seed(0)
     model, source = build_model(4, weights="none")
@@ -206,7 +203,8 @@ def compare_backends(checkpoint: Path, paths: list[Path], tmp: Path, args) -> No
     print("\n== PyTorch vs ONNX Runtime (CPU, same process, calls interleaved)")
     try:
         import onnxruntime
-        from mediscan.onnx_backend import AUTO_PREFERS_ONNX_ON_CPU, export_onnx
+
+        from mediscan.inference.onnx_backend import AUTO_PREFERS_ONNX_ON_CPU, export_onnx
     except ImportError as exc:
         print(f"  skipped: {exc} (pip install onnx onnxruntime)")
         return

@@ -29,11 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from mediscan.imaging import ImageReadError, looks_like_image_file, read_image  # noqa: E402
-from mediscan.predictor import Predictor  # noqa: E402
+from mediscan.core.imaging import ImageReadError, looks_like_image_file, read_image  # noqa: E402
+from mediscan.inference.predictor import Predictor  # noqa: E402
 
 SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon", "page", "text",
                    "horse", "clock", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass",
@@ -171,7 +169,8 @@ def layer_flags(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
     """Per detector layer: which of the decoded ``images`` that layer's relative distance alone puts above
     the threshold (the detector flags an image when any layer does). One extra forward pass over them."""
     import torch
-    from mediscan.preprocessing import preprocess
+
+    from mediscan.core.preprocessing import preprocess
     flags: dict[str, list] = {name: [] for name in predictor.ood.layer_names}
     for start in range(0, len(images), 16):
         batch = torch.stack([preprocess(image.pixels, predictor.input_size)[0] for image in images[start:start + 16]])

@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from mediscan.data import augment_batch, scan_dataset  # noqa: E402
-from mediscan.imaging import read_image  # noqa: E402
-from mediscan.model import build_model  # noqa: E402
-from mediscan.preprocessing import preprocess  # noqa: E402
-from mediscan.training import TrainConfig, calibrate_batchnorm, fit, peak_memory_summary, select_device  # noqa: E402
+from mediscan.core.dataset import scan_dataset
+from mediscan.core.imaging import read_image  # noqa: E402
+from mediscan.core.model import build_model  # noqa: E402
+from mediscan.core.preprocessing import preprocess  # noqa: E402
+from mediscan.core.runtime import select_device
+from mediscan.training.augment import augment_batch  # noqa: E402
+from mediscan.training.fit import TrainConfig, calibrate_batchnorm, fit, peak_memory_summary  # noqa: E402
 
 
 def build_benchmark_dataset(source: Path, target: Path, total: int) -> None:

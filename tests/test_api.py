@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser_helpers import free_port, wait_for_http
-from conftest import CLASSES, FAKE_PATIENT, ROOT, dicom_bytes, pattern_image, write_tiny_checkpoint
+from conftest import ROOT
 from mediscan import NOT_FOR_CLINICAL_USE
-from mediscan.api import create_app
-from mediscan.predictor import TRAIN_COMMAND, VERDICTS, Predictor
-
+from mediscan.apps.api import create_app
+from mediscan.devtools.browser import free_port, wait_for_http
+from mediscan.devtools.synthetic import CLASSES, FAKE_PATIENT, dicom_bytes, pattern_image, write_tiny_checkpoint
+from mediscan.inference.predictor import TRAIN_COMMAND, VERDICTS, Predictor
 
 # ----------------------------------------------------------------------------------------------- fixtures
 # Requests run in the test's own thread here, on one torch thread (conftest's session-wide one_torch_thread).
@@ -425,7 +425,7 @@ def test_concurrent_requests_share_one_predictor(app, predictor):
 # ----------------------------------------------------------------------------------------------- serving
 
 def test_serve_defaults_to_localhost_and_keeps_uploads_in_memory():
-    from mediscan.serve import app_config, get_args_parser, waitress_options
+    from mediscan.apps.serve import app_config, get_args_parser, waitress_options
     args = get_args_parser().parse_args([])
     assert args.host == "127.0.0.1" and not args.dev
     config = app_config(args)
@@ -438,7 +438,8 @@ def test_serve_defaults_to_localhost_and_keeps_uploads_in_memory():
 
 def test_dev_server_never_enables_the_debugger(tmp_path, monkeypatch, capsys):
     from flask import Flask
-    from mediscan import serve
+
+    from mediscan.apps import serve
     calls = []
     monkeypatch.setattr(Flask, "run", lambda self, **kwargs: calls.append(kwargs))
     assert serve.main(["--dev", "--port", "5999", "--checkpoint", str(tmp_path / "none.safetensors")]) == 0

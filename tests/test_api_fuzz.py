@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import pattern_image, write_tiny_checkpoint
-from mediscan.api import RAW_IMAGE_TYPES, create_app
-from mediscan.predictor import Predictor
+from mediscan.apps.api import RAW_IMAGE_TYPES, create_app
+from mediscan.devtools.synthetic import pattern_image, write_tiny_checkpoint
+from mediscan.inference.predictor import Predictor
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

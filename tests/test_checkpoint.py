@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
-from mediscan import checkpoint as ckpt
-from mediscan.checkpoint import CheckpointError, load_checkpoint, new_metadata, read_metadata, save_checkpoint
-from mediscan.model import build_model
-from mediscan.preprocessing import PreprocessConfig
+from mediscan.core import checkpoint as ckpt
+from mediscan.core.checkpoint import CheckpointError, load_checkpoint, new_metadata, read_metadata, save_checkpoint
+from mediscan.core.model import build_model
+from mediscan.core.preprocessing import PreprocessConfig
 
 CLASSES = ["bone", "brain", "heart", "lungs"]
 
@@ -61,10 +62,9 @@ def test_killed_process_mid_save_leaves_previous_checkpoint_valid(tmp_path, mode
     path = save_checkpoint(tmp_path / "best.safetensors", model, _meta(epoch=1))
     script = f"""
 import os, signal, sys, torch
-sys.path.insert(0, {str(ckpt.__file__.rsplit('/mediscan/', 1)[0])!r})
-from mediscan import checkpoint as ckpt
-from mediscan.model import build_model
-from mediscan.preprocessing import PreprocessConfig
+from mediscan.core import checkpoint as ckpt
+from mediscan.core.model import build_model
+from mediscan.core.preprocessing import PreprocessConfig
 real_fsync = ckpt.os.fsync
 def die(fd):
     os.kill(os.getpid(), signal.SIGKILL)      # the file is half on disk now
@@ -72,7 +72,8 @@ ckpt.os.fsync = die
 net, _ = build_model(4, weights="none")
 ckpt.save_checkpoint({str(path)!r}, net, ckpt.new_metadata({CLASSES!r}, PreprocessConfig(32), "x", epoch=2))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    repo = Path(ckpt.__file__).parents[2]            # "python -c" imports from its working directory
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=repo)
     assert result.returncode == -9
     loaded = load_checkpoint(path)
     assert loaded.meta["epoch"] == 1

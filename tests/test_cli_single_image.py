@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 import test_single_image as cli
-from conftest import dicom_bytes, write_tiny_checkpoint
-from mediscan.predictor import ENV_CHECKPOINT, TRAIN_COMMAND, Predictor
+from mediscan.apps import predict_cli
+from mediscan.devtools.synthetic import dicom_bytes, write_tiny_checkpoint
+from mediscan.inference.predictor import ENV_CHECKPOINT, TRAIN_COMMAND, Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bone", "brain", "heart", "lungs"]
@@ -55,13 +56,13 @@ def fast_load(monkeypatch, checkpoint, shared_predictor):
     Loading dominates an in-process run on a busy CPU; the real loading path is still exercised by
     the first test below, the exit-3 tests and the subprocess run.
     """
-    real = cli.load_predictor
+    real = predict_cli.load_predictor
 
     def load(args):
         defaults = args.max_pixels is None and args.device is None and args.uncertain_below == 0.6
         return shared_predictor if args.checkpoint == checkpoint and defaults else real(args)
 
-    monkeypatch.setattr(cli, "load_predictor", load)
+    monkeypatch.setattr(predict_cli, "load_predictor", load)
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from conftest import CLASSES, FAKE_PATIENT, ROOT, dicom_bytes, pattern_image, write_tiny_checkpoint
+from conftest import ROOT
 from mediscan import NOT_FOR_CLINICAL_USE
-from mediscan import dashboard
-from mediscan.predictor import TRAIN_COMMAND, Predictor
+from mediscan.apps import dashboard
+from mediscan.devtools.synthetic import CLASSES, FAKE_PATIENT, dicom_bytes, pattern_image, write_tiny_checkpoint
+from mediscan.inference.predictor import TRAIN_COMMAND, Predictor
 
 APP = str(ROOT / "app.py")
 METRICS = {"test": {"accuracy": 0.9125, "ece": 0.081, "ece_calibrated": 0.0234}}
@@ -288,9 +289,9 @@ def test_faithfulness_sentence_reads_naturally():
 
 
 def test_app_py_dispatches_flask_to_the_api(monkeypatch):
-    import app as entry                                       # importing it outside Streamlit renders nothing
+    import app as entry  # importing it outside Streamlit renders nothing
     received = []
-    monkeypatch.setitem(sys.modules, "mediscan.serve",
+    monkeypatch.setitem(sys.modules, "mediscan.apps.serve",
                         types.SimpleNamespace(main=lambda argv: received.append(argv) or 7))
     assert entry.main(["flask", "--port", "5001"]) == 7
     assert received == [["--port", "5001"]]

@@ -18,10 +18,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser_helpers import (chromium_page, open_dashboard, page_background_luminance, playwright_missing,
-                             save_screenshot, streamlit_server, upload_images, wait_for_analysis)
-from conftest import CLASSES, ROOT, pattern_image, write_tiny_checkpoint
+from conftest import ROOT
 from mediscan import NOT_FOR_CLINICAL_USE
+from mediscan.devtools.browser import (
+    chromium_page,
+    open_dashboard,
+    page_background_luminance,
+    playwright_missing,
+    save_screenshot,
+    streamlit_server,
+    upload_images,
+    wait_for_analysis,
+)
+from mediscan.devtools.synthetic import CLASSES, pattern_image, write_tiny_checkpoint
 
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_dataset
-from mediscan.data import DatasetError, augment_batch, load_split, scan_dataset, stratified_split
+from mediscan.core.dataset import DatasetError, load_split, scan_dataset, stratified_split
+from mediscan.devtools.synthetic import make_dataset
+from mediscan.training.augment import augment_batch
 
 
 def test_valid_dataset_scans_with_sorted_classes_and_fingerprint(tiny_dataset):

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset
-from mediscan.checkpoint import load_checkpoint
-from mediscan.data import load_split, scan_dataset
+from conftest import ROOT
+from mediscan.core.checkpoint import load_checkpoint
+from mediscan.core.dataset import load_split, scan_dataset
+from mediscan.devtools.synthetic import make_dataset
 
 COMMON = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--no-augment", "--no-progress",
           "--no-gallery", "--workers", "1", "--device", "cpu"]

@@ -17,9 +17,11 @@ from PIL import Image
 from torch import nn
 
 import grad_cam
-from grad_cam import DEFAULT_TARGET, CamResult, cam_to_original, colorize, faithfulness, overlay, png_bytes
-from mediscan.model import OrganHead, build_model
-from mediscan.preprocessing import CropGeometry, preprocess
+from grad_cam import DEFAULT_TARGET, CamResult, cam_to_original
+from mediscan.core.model import OrganHead, build_model
+from mediscan.core.preprocessing import CropGeometry, preprocess
+from mediscan.explain.faithfulness import _removal_masks, faithfulness
+from mediscan.explain.overlays import colorize, overlay, png_bytes
 
 S = 64                     # DenseNet121 stride 32 -> 2x2 final map
 S_REF = 96                 # 3x3 final map for the reference comparison
@@ -532,13 +534,13 @@ def test_removing_the_highlighted_region_hurts_more_than_random():
 
 def test_faithfulness_is_seeded_and_masks_have_the_requested_size(model):
     cams = torch.rand(2, S, S, generator=torch.Generator().manual_seed(0))
-    top, rand = grad_cam._removal_masks(cams, 0.2, seed=3)
+    top, rand = _removal_masks(cams, 0.2, seed=3)
     expected = round(0.2 * S * S)
     assert top.sum(dim=(1, 2)).tolist() == [expected] * 2 and rand.sum(dim=(1, 2)).tolist() == [expected] * 2
     threshold = cams.flatten(1).kthvalue(S * S - expected, dim=1).values
     assert all(bool((cams[b][top[b]] > threshold[b]).all()) for b in range(2))   # the top pixels
-    again = grad_cam._removal_masks(cams, 0.2, seed=3)[1]
-    other = grad_cam._removal_masks(cams, 0.2, seed=4)[1]
+    again = _removal_masks(cams, 0.2, seed=3)[1]
+    other = _removal_masks(cams, 0.2, seed=4)[1]
     assert torch.equal(rand, again) and not torch.equal(rand, other)
 
     x = smooth_images(2, S, seed=12)
@@ -558,7 +560,7 @@ def test_faithfulness_is_seeded_and_masks_have_the_requested_size(model):
 # --------------------------------------------------------------------------------------------------
 
 def test_gallery_selection_and_titles():
-    from mediscan.gallery import select_items, tile_title
+    from mediscan.evaluation.gallery import select_items, tile_title
     true = [0, 1, 2, 3, 0, 1, 2, 3]
     pred = [0, 1, 2, 3, 1, 0, 2, 3]                  # items 4 and 5 are wrong
     chosen = select_items(true, pred, 4)
@@ -572,7 +574,7 @@ def test_gallery_selection_and_titles():
 
 
 def test_gallery_writes_png_of_the_documented_size(model, tmp_path):
-    from mediscan import gallery
+    from mediscan.evaluation import gallery
     rng = np.random.default_rng(13)
     shapes = [(80, 120), (100, 70), (64, 64), (90, 90), (50, 150)]
     samples = [(rng.random(shape).astype(np.float32), i % 4, f"img{i}.png") for i, shape in enumerate(shapes)]

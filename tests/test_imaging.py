@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from mediscan.imaging import (
+from mediscan.core.imaging import (
     DEFAULT_MAX_PIXELS,
     MIN_SIDE,
     SUPPORTED_SUFFIXES,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mediscan import model as model_module
-from mediscan.model import WeightsError, build_model, xrv_weights_path
+from mediscan.core import model as model_module
+from mediscan.core.model import WeightsError, build_model, xrv_weights_path
 
 
 @pytest.fixture(scope="module")

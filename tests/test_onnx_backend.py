@@ -20,16 +20,21 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import densenet121_xray_classifier as train_cli  # noqa: E402
-from conftest import detector_around  # noqa: E402
 import test_single_image as single_cli  # noqa: E402
-from mediscan import onnx_backend  # noqa: E402
-from mediscan.checkpoint import CheckpointError, new_metadata, save_checkpoint  # noqa: E402
-from mediscan.imaging import DecodedImage  # noqa: E402
-from mediscan.model import build_model  # noqa: E402
-from mediscan.onnx_backend import (OnnxBackendError, OnnxClassifier, StaleOnnxError, export_onnx,  # noqa: E402
-                                   onnx_path_for)
-from mediscan.predictor import Predictor  # noqa: E402
-from mediscan.preprocessing import PreprocessConfig, preprocess  # noqa: E402
+from mediscan.core.checkpoint import CheckpointError, new_metadata, save_checkpoint  # noqa: E402
+from mediscan.core.imaging import DecodedImage  # noqa: E402
+from mediscan.core.model import build_model  # noqa: E402
+from mediscan.core.preprocessing import PreprocessConfig, preprocess  # noqa: E402
+from mediscan.devtools.synthetic import detector_around
+from mediscan.inference import onnx_backend  # noqa: E402
+from mediscan.inference.onnx_backend import (
+    OnnxBackendError,
+    OnnxClassifier,
+    StaleOnnxError,
+    export_onnx,
+    onnx_path_for,  # noqa: E402
+)
+from mediscan.inference.predictor import Predictor  # noqa: E402
 
 CLASSES = ["bone", "brain", "heart", "lungs"]
 SIZE = 64

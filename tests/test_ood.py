@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from mediscan.ood import FINAL_LAYER, MahalanobisLayer, OODDetector, fit_ood, ledoit_wolf_shrinkage
+from mediscan.core.ood import FINAL_LAYER, MahalanobisLayer, OODDetector, fit_ood, ledoit_wolf_shrinkage
 
 N_CLASSES = 4
 

@@ -19,13 +19,22 @@ import pytest
 import torch
 from PIL import Image
 
-import conftest
-from conftest import detector_around, tiny_model, write_tiny_checkpoint
-from mediscan.checkpoint import CheckpointError
-from mediscan.imaging import ImageReadError, read_image
-from mediscan.predictor import (DEFAULT_CHECKPOINT, ENV_CHECKPOINT, TRAIN_COMMAND, Explanation, ModelNotFoundError,
-                                Prediction, Predictor, UnknownClassError, resolve_checkpoint_path)
-from mediscan.preprocessing import preprocess
+from mediscan.core.checkpoint import CheckpointError
+from mediscan.core.imaging import ImageReadError, read_image
+from mediscan.core.preprocessing import preprocess
+from mediscan.devtools import synthetic
+from mediscan.devtools.synthetic import detector_around, tiny_model, write_tiny_checkpoint
+from mediscan.inference.predictor import (
+    DEFAULT_CHECKPOINT,
+    ENV_CHECKPOINT,
+    TRAIN_COMMAND,
+    Explanation,
+    ModelNotFoundError,
+    Prediction,
+    Predictor,
+    UnknownClassError,
+    resolve_checkpoint_path,
+)
 
 CLASSES = ["bone", "brain", "heart", "lungs"]
 SIZE = 64
@@ -63,7 +72,7 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 #: A minimal uncompressed 16-bit DICOM (``pixels`` (frames, H, W) or (H, W); None = no pixel data), with a
 #: patient name that must never reach a result.
-dicom_bytes = functools.partial(conftest.dicom_bytes, patient_name="Test^Patient")
+dicom_bytes = functools.partial(synthetic.dicom_bytes, patient_name="Test^Patient")
 
 
 def jpeg_with_exif_orientation(upright01: np.ndarray) -> bytes:

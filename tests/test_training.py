@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import densenet121_xray_classifier as cli
-from conftest import ROOT, make_dataset
-from mediscan.checkpoint import load_checkpoint, read_metadata
-from mediscan.data import load_split, scan_dataset
-from mediscan.training import TrainConfig, fit, is_better
+from conftest import ROOT
+from mediscan.core.checkpoint import load_checkpoint, read_metadata
+from mediscan.core.dataset import load_split, scan_dataset
+from mediscan.devtools.synthetic import make_dataset
+from mediscan.training.fit import TrainConfig, fit, is_better
 
 FAST = dict(weights="none", input_size=32, head_epochs=3, finetune_epochs=1, batch_size=8,
             progress=False, workers=1)
@@ -82,7 +83,7 @@ def test_frozen_stage_keeps_backbone_and_its_batchnorm_statistics(tmp_path, monk
     data = make_dataset(tmp_path / "dataset", per_class=4)
     config = TrainConfig(data=str(data), out=str(tmp_path / "m"),
                          **{**FAST, "head_epochs": 2, "finetune_epochs": 0, "gallery": False})
-    from mediscan import training
+    from mediscan.training import fit as training
     snapshots = []
     real_features, real_head = training.pooled_training_features, training.train_head_epoch
 
@@ -161,7 +162,7 @@ def test_evaluate_alone_in_a_fresh_process(trained, tmp_path):
 def test_colour_training_images_are_named_in_the_log_and_the_report_notes(tmp_path):
     from PIL import Image
 
-    from mediscan.training import describe_dataset, load_tensors
+    from mediscan.training.fit import describe_dataset, load_tensors
     # One training image recoloured: the same structure in an orange-and-blue duotone.
     data = make_dataset(tmp_path / "dataset", per_class=3)
     gray = np.asarray(Image.open(data / "train" / "heart" / "heart_train_0.png"))
@@ -180,7 +181,7 @@ def test_colour_training_images_are_named_in_the_log_and_the_report_notes(tmp_pa
 def _as_legacy_checkpoint(best: Path, target: Path) -> Path:
     """``best`` rewritten as a checkpoint from before the detector read several layers: method
     "mahalanobis-tied", one final-layer statistic under ood.means / ood.precision, a raw threshold."""
-    from mediscan.checkpoint import save_checkpoint
+    from mediscan.core.checkpoint import save_checkpoint
     loaded = load_checkpoint(best)
     final = loaded.extra["ood.norm5.means"], loaded.extra["ood.norm5.precision"]
     meta = dict(loaded.meta, ood={"method": "mahalanobis-tied", "threshold": 12.5, "percentile": 95.0,
@@ -189,7 +190,7 @@ def _as_legacy_checkpoint(best: Path, target: Path) -> Path:
 
 
 def test_refit_ood_upgrades_an_old_checkpoint_to_what_training_stores(trained, tmp_path, capsys):
-    from mediscan.ood import OODDetector
+    from mediscan.core.ood import OODDetector
     config, result, _ = trained
     old = _as_legacy_checkpoint(result.best_path, tmp_path / "old" / "best.safetensors")
     before = load_checkpoint(old)

@@ -2,7 +2,7 @@
 
 Run it with ``python app.py flask`` (waitress, see :mod:`mediscan.serve`), or in tests::
 
-    from mediscan.api import create_app
+    from mediscan.apps.api import create_app
     app = create_app({"PREDICTOR": predictor})        # or {"CHECKPOINT": "models/best.safetensors"}
     client = app.test_client()
     client.post("/v1/predict", data={"file": (open("chest.png", "rb"), "chest.png")})
@@ -56,10 +56,10 @@ from typing import Any
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import NOT_FOR_CLINICAL_USE, __version__
-from .checkpoint import CheckpointError
-from .imaging import ImageReadError
-from .predictor import TRAIN_COMMAND, ModelNotFoundError, Predictor, UnknownClassError
+from mediscan import NOT_FOR_CLINICAL_USE, __version__
+from mediscan.core.checkpoint import CheckpointError
+from mediscan.core.imaging import ImageReadError
+from mediscan.inference.predictor import TRAIN_COMMAND, ModelNotFoundError, Predictor, UnknownClassError
 
 __all__ = ["DEFAULTS", "RAW_IMAGE_TYPES", "ApiError", "create_app", "openapi_spec"]
 

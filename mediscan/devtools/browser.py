@@ -25,7 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+#: Where app.py lives: the repository root (editable install) or site-packages (app.py is installed there too).
+ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "app.py"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
 #: Headless Chromium as root in a container, with no network beyond localhost: no sandbox, no GPU, and

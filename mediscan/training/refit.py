@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DatasetError, load_split, scan_dataset
-from .ood import DEFAULT_LAYERS, OODDetector, fit_ood
+from mediscan.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mediscan.core.dataset import DatasetError, load_split, scan_dataset
+from mediscan.core.ood import DEFAULT_LAYERS, OODDetector, fit_ood
 
 __all__ = ["refit_ood"]
 
@@ -31,7 +31,7 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     and ``seed`` pick the same held-out images. Raises :class:`CheckpointError` for a checkpoint that
     cannot be loaded or whose classes differ from the dataset's, :class:`DatasetError` for bad data.
     """
-    from .training import predict_split, select_device
+    from mediscan.core.runtime import predict_split, select_device
 
     started = time.perf_counter()
     checkpoint = Path(checkpoint)

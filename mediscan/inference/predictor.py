@@ -6,7 +6,7 @@ Grad-CAM heatmap are identical everywhere.
 
 Usage::
 
-    from mediscan.predictor import Predictor
+    from mediscan.inference.predictor import Predictor
     predictor = Predictor()                    # $MEDISCAN_MODEL, else models/best.safetensors
     p = predictor.predict("chest.png")         # Prediction: probabilities, verdict, timings
     e = predictor.explain("chest.png")         # Explanation: + heatmap on the original image
@@ -43,12 +43,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import NOT_FOR_CLINICAL_USE, __version__
-from .checkpoint import CheckpointError, load_checkpoint
-from .imaging import COLOUR_LIMIT, DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
-from .onnx_backend import backend_device, select_backend
-from .ood import OODDetector
-from .preprocessing import CropGeometry, preprocess
+from mediscan import NOT_FOR_CLINICAL_USE, __version__
+from mediscan.core.checkpoint import CheckpointError, load_checkpoint
+from mediscan.core.imaging import COLOUR_LIMIT, DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
+from mediscan.core.ood import OODDetector
+from mediscan.core.preprocessing import CropGeometry, preprocess
+from mediscan.inference.onnx_backend import backend_device, select_backend
 
 __all__ = [
     "DEFAULT_CHECKPOINT", "ENV_CHECKPOINT", "TRAIN_COMMAND", "VERDICTS",
@@ -160,12 +160,12 @@ class Explanation:
 
     def overlay(self, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
         """``(H, W, 3)`` RGB uint8: the heatmap blended over the image. Cheap: no model call."""
-        from grad_cam import overlay
+        from mediscan.explain.overlays import overlay
         return overlay(self.image, self.heatmap, alpha=alpha, colormap=colormap)
 
     def overlay_png(self, alpha: float = 0.4, colormap: str = "jet") -> bytes:
         """The overlay encoded as PNG bytes (for downloads and HTTP responses)."""
-        from grad_cam import png_bytes
+        from mediscan.explain.overlays import png_bytes
         return png_bytes(self.overlay(alpha, colormap))
 
     def heatmap_grid(self, size: int) -> list[list[float]]:
@@ -467,7 +467,7 @@ class Predictor:
         return cam_to_original(cam.numpy(), geometry)
 
     def _faithfulness(self, batch: torch.Tensor, cams: torch.Tensor, class_index: int) -> dict[str, float]:
-        from grad_cam import faithfulness
+        from mediscan.explain.faithfulness import faithfulness
         result = faithfulness(self.net, batch, cams, [class_index])
         return {name: float(values[0]) for name, values in result.items()}
 

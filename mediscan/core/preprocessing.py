@@ -73,6 +73,17 @@ def scale_to_model_range(pixels01: np.ndarray | torch.Tensor):
     return (pixels01 * 2.0 - 1.0) * INPUT_RANGE
 
 
+def scale_to_unit_range(model_pixels: np.ndarray | torch.Tensor):
+    """The inverse of :func:`scale_to_model_range`: [-1024, 1024] -> [0, 1] (not clipped)."""
+    return model_pixels / (2.0 * INPUT_RANGE) + 0.5
+
+
+def to_uint8(image01: np.ndarray) -> np.ndarray:
+    """Float [0, 1] image (any shape) -> uint8, rounded; NaN becomes 0 and out-of-range values are clipped."""
+    return np.round(np.clip(np.nan_to_num(np.asarray(image01, dtype=np.float32), nan=0.0), 0.0, 1.0) * 255.0
+                    ).astype(np.uint8)
+
+
 def preprocess(pixels01: np.ndarray, input_size: int = DEFAULT_INPUT_SIZE) -> tuple[torch.Tensor, CropGeometry]:
     """Grayscale image in [0, 1] (any size) -> ``(1, S, S)`` float32 tensor in [-1024, 1024] and its geometry."""
     geometry = CropGeometry.for_shape(*pixels01.shape)

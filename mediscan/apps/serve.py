@@ -15,8 +15,8 @@ import ipaddress
 import logging
 import sys
 
-from . import NOT_FOR_CLINICAL_USE, __version__
-from .api import DEFAULTS, create_app
+from mediscan import NOT_FOR_CLINICAL_USE, __version__
+from mediscan.apps.api import DEFAULTS, create_app
 
 # Multipart framing around the image(s): bodies up to the app's limit plus this are buffered by waitress
 # in memory, so the app (not waitress) answers 413, as JSON.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import augment_batch
+from mediscan.training.augment import augment_batch
 
 
 class GraphedTrainStep:

@@ -14,19 +14,34 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (BackgroundCheckpointWriter, CheckpointError, load_checkpoint, new_metadata, read_metadata,
-                         save_checkpoint)
-from .data import DatasetError, DatasetSplits, TensorSplit, augment_batch, load_split, scan_dataset
-from .distributed import (DistEnv, all_reduce_sum, barrier, epoch_indices, init_distributed, local_batch_size,
-                          shutdown)
-from .model import DEFAULT_WEIGHTS, OrganClassifier, build_model
-from .preprocessing import DEFAULT_INPUT_SIZE, PreprocessConfig
+from mediscan.core.checkpoint import (
+    BackgroundCheckpointWriter,
+    CheckpointError,
+    load_checkpoint,
+    new_metadata,
+    read_metadata,
+    save_checkpoint,
+)
+from mediscan.core.dataset import DatasetError, DatasetSplits, TensorSplit, load_split, scan_dataset
+from mediscan.core.model import DEFAULT_WEIGHTS, OrganClassifier, build_model
+from mediscan.core.preprocessing import DEFAULT_INPUT_SIZE, PreprocessConfig
+from mediscan.core.runtime import autocast, predict_split, select_device, to_memory_format
+from mediscan.training.augment import augment_batch
+from mediscan.training.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    epoch_indices,
+    init_distributed,
+    local_batch_size,
+    shutdown,
+)
 
 BEST_NAME = "best.safetensors"
 LAST_NAME = "last.safetensors"
@@ -80,20 +95,6 @@ class FitResult:
     notes: list[str] = field(default_factory=list)
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def configure_stage(model: OrganClassifier, stage: int) -> None:
     """Stage 1 freezes the backbone's parameters; stage 2 unfreezes them."""
     model.features.requires_grad_(stage == 2)
@@ -116,36 +117,6 @@ def make_optimizer(model: OrganClassifier, stage: int, config: TrainConfig,
     params = model.head.fc.parameters() if stage == 1 else model.parameters()
     lr = config.head_lr if stage == 1 else config.finetune_lr
     return torch.optim.Adam(params, lr=lr, capturable=capturable)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-@torch.inference_mode()
-def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int, device: torch.device,
-                  amp: bool = False, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits ``(N, C)`` for every image, in eval mode, on the CPU, and ``{layer: (N, channels)}`` pooled
-    features of the backbone stages in ``layers`` (see :meth:`OrganClassifier.tapped_features`)."""
-    was_training = model.training
-    model.eval()
-    logits, pooled = [], {name: [] for name in layers}
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = _to_memory_format(images[start:start + batch_size].to(device, non_blocking=True), device)
-            with _autocast(device, amp):
-                final, taps = model.tapped_features(batch, layers)
-                out = model.head(final)
-            logits.append(out.float().cpu())
-            for name, value in taps.items():
-                pooled[name].append(value.float().cpu())
-    finally:
-        model.train(was_training)
-    if not logits:
-        return torch.empty(0, model.num_classes), {name: torch.empty(0, 0) for name in layers}
-    return torch.cat(logits), {name: torch.cat(values) for name, values in pooled.items()}
 
 
 @torch.no_grad()
@@ -200,8 +171,8 @@ def pooled_training_features(model: OrganClassifier, images: torch.Tensor, confi
         batch = images[start:start + config.batch_size * 8].to(device, non_blocking=True)
         if config.augment and generator is not None:
             batch = augment_batch(batch, generator)
-        with _autocast(device, config.amp):
-            chunks.append(model.head.pool_features(model.features(_to_memory_format(batch, device))).float())
+        with autocast(device, config.amp):
+            chunks.append(model.head.pool_features(model.features(to_memory_format(batch, device))).float())
     return torch.cat(chunks) if chunks else torch.empty(0, model.head.fc.in_features, device=device)
 
 
@@ -246,8 +217,8 @@ def train_full_epoch(model: OrganClassifier, network: nn.Module, split: TensorSp
         else:
             if config.augment:
                 images = augment_batch(images, generator)
-            with _autocast(device, config.amp):
-                logits = network(_to_memory_format(images, device))
+            with autocast(device, config.amp):
+                logits = network(to_memory_format(images, device))
             loss = criterion(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,11 +241,6 @@ def _show_running(bar, totals: torch.Tensor, step: int, every: int = 10) -> None
     if hasattr(bar, "set_postfix") and step % every == 0:
         loss_sum, correct, seen = totals.tolist()
         bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{correct / max(seen, 1):.3f}")
-
-
-def _to_memory_format(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # channels-last lets cuDNN pick its fastest convolution kernels for bf16 on recent GPUs.
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -505,7 +471,7 @@ def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitRe
 def peak_memory_summary(device: torch.device) -> str:
     """This process's peak resident memory, plus the peak CUDA allocation when training ran on a GPU."""
     try:
-        import resource                      # POSIX only
+        import resource  # POSIX only
     except ImportError:
         text = "process RSS not measured on this platform"
     else:
@@ -530,14 +496,14 @@ def _wrap_for_stage(model: OrganClassifier, stage: int, env: DistEnv, device: to
 
 def _try_graph(model, optimizer, criterion, train: TensorSplit, indices, local_batch, config, device, log):
     """Capture the stage-2 step as a CUDA graph; on any failure log why and train eagerly instead."""
-    from .graphed_step import GraphedTrainStep
+    from mediscan.training.graphed_step import GraphedTrainStep
     if len(indices) < local_batch:
         return None
     first = indices[:local_batch].to(train.images.device)
     try:
         set_train_mode(model, 2)
         step = GraphedTrainStep(model, optimizer, criterion,
-                                _to_memory_format(train.images[first].to(device), device),
+                                to_memory_format(train.images[first].to(device), device),
                                 train.labels[first].to(device), augment=config.augment, amp=config.amp)
         log("stage 2 runs as a captured CUDA graph (whole step replayed per batch)")
         return step
@@ -584,9 +550,10 @@ def _resume(model, last_path: Path, splits: DatasetSplits, config: TrainConfig, 
 def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplits, config: TrainConfig,
              device: torch.device, history: list[dict], log: Callable[[str], None]):
     """Calibrate, fit the out-of-scope detector, evaluate on test, rewrite best with it all, write the report."""
-    from .evaluation import (classification_metrics, fit_temperature, save_history, save_split_gallery,
-                             write_report)
-    from .ood import DEFAULT_LAYERS as OOD_LAYERS, fit_ood
+    from mediscan.core.ood import DEFAULT_LAYERS as OOD_LAYERS
+    from mediscan.core.ood import fit_ood
+    from mediscan.evaluation.metrics import classification_metrics, fit_temperature
+    from mediscan.evaluation.report import save_history, save_split_gallery, write_report
 
     started = time.perf_counter()
     best = load_checkpoint(best_path, device)

@@ -44,13 +44,22 @@ import cv2
 import numpy as np
 import pandas as pd
 import streamlit as st
-from grad_cam import colorize   # top-level module of this project (torch/numpy/cv2 only)
 
-from . import NOT_FOR_CLINICAL_USE, __version__
-from .checkpoint import CheckpointError
-from .imaging import SUPPORTED_SUFFIXES, ImageReadError
-from .predictor import (DEFAULT_CHECKPOINT, ENV_CHECKPOINT, TRAIN_COMMAND, Explanation, ModelNotFoundError,
-                        Prediction, Predictor, resolve_checkpoint_path)
+from mediscan import NOT_FOR_CLINICAL_USE, __version__
+from mediscan.core.checkpoint import CheckpointError
+from mediscan.core.imaging import SUPPORTED_SUFFIXES, ImageReadError
+from mediscan.core.preprocessing import to_uint8
+from mediscan.explain.overlays import colorize  # top-level module of this project (torch/numpy/cv2 only)
+from mediscan.inference.predictor import (
+    DEFAULT_CHECKPOINT,
+    ENV_CHECKPOINT,
+    TRAIN_COMMAND,
+    Explanation,
+    ModelNotFoundError,
+    Prediction,
+    Predictor,
+    resolve_checkpoint_path,
+)
 
 __all__ = [
     "render", "load_predictor", "ExplanationCache", "ImageResult", "analysis_report", "probability_chart",
@@ -357,11 +366,6 @@ def training_date(created: Any) -> str:
 def chart_text_color() -> str:
     """Light text on the dark theme (the default), dark text when the browser reports a light theme."""
     return "#31333f" if getattr(st.context.theme, "type", None) == "light" else "#e8eaed"
-
-
-def to_uint8(image01: np.ndarray) -> np.ndarray:
-    """Float [0, 1] grayscale -> uint8 for ``st.image``."""
-    return np.round(np.clip(np.nan_to_num(image01), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,8 +45,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 try:  # pydicom >= 3
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 except ImportError:  # pydicom 2.x (requirements allow >= 2.4)
-    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
-    from pydicom.pixel_data_handlers.util import convert_color_space
+    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
 
     get_decoder = pixel_array = None
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -45,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
-from .ood import FINAL_LAYER, OODDetector
+from mediscan.core.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from mediscan.core.ood import FINAL_LAYER, OODDetector
 
 __all__ = ["BACKENDS", "AUTO_PREFERS_ONNX_ON_CPU", "INPUT_NAME", "OUTPUT_NAMES", "OPSET", "pooled_output_name",
            "OnnxBackendError", "StaleOnnxError", "OnnxRuntimeMissingError", "OnnxExport", "OnnxClassifier",

@@ -7,7 +7,6 @@ Everything is checked before training starts, and every problem is reported with
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .imaging import ImageReadError, looks_like_image_file, read_image
-from .preprocessing import crop_and_resize, scale_to_model_range
+from mediscan.core.imaging import ImageReadError, looks_like_image_file, read_image
+from mediscan.core.preprocessing import crop_and_resize, scale_to_model_range
 
 SPLITS = ("train", "val", "test")
 
@@ -226,33 +224,3 @@ def load_split(samples: list[Sample], input_size: int, *, workers: int = 2, skip
         images = torch.empty(0, 1, input_size, input_size)
     labels = torch.tensor([s.label for s in kept], dtype=torch.long)
     return TensorSplit(images, labels, [s.path for s in kept], colour), bad
-
-
-def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None, *,
-                  max_rotation_deg: float = 10.0, max_scale: float = 0.1, max_shift: float = 0.06,
-                  max_brightness: float = 0.1, max_contrast: float = 0.15) -> torch.Tensor:
-    """Small random rotation/scale/shift and brightness/contrast, per image, on whatever device the batch is.
-
-    ``generator`` (optional) must live on the batch's device; without one the device's default RNG is used.
-
-    Works in [0, 1] space so that the border revealed by a rotation or shift is black, as X-ray
-    backgrounds are, and returns model-range tensors again.
-    """
-    n, device = images.shape[0], images.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        # Drawn on the batch's device (generator too, if given) so the whole step can be graph-captured.
-        return torch.rand(n, generator=generator, device=device).mul(high - low).add(low)
-
-    pixels01 = images / 2048.0 + 0.5
-    angle = uniform(-max_rotation_deg, max_rotation_deg) * (math.pi / 180.0)
-    scale = uniform(1.0 - max_scale, 1.0 + max_scale)
-    shift_x, shift_y = uniform(-max_shift, max_shift) * 2, uniform(-max_shift, max_shift) * 2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    pixels01 = F.grid_sample(pixels01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    contrast = uniform(1.0 - max_contrast, 1.0 + max_contrast).view(n, 1, 1, 1)
-    brightness = uniform(-max_brightness, max_brightness).view(n, 1, 1, 1)
-    pixels01 = ((pixels01 - 0.5) * contrast + 0.5 + brightness).clamp_(0.0, 1.0)
-    return scale_to_model_range(pixels01)

@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .model import ARCHITECTURE, OrganClassifier, densenet121_features
-from .preprocessing import PreprocessConfig
+from mediscan.core.model import ARCHITECTURE, OrganClassifier, densenet121_features
+from mediscan.core.preprocessing import PreprocessConfig
 
 FORMAT = "mediscan-checkpoint"
 FORMAT_VERSION = "1"

@@ -17,7 +17,8 @@ import torch
 from matplotlib import pyplot as plt
 
 import grad_cam
-from mediscan.preprocessing import INPUT_RANGE, preprocess
+from mediscan.core.preprocessing import preprocess, scale_to_unit_range
+from mediscan.explain.overlays import overlay
 
 #: Tile size in pixels (the PNG is ``columns * TILE_WIDTH_PX`` by ``rows * TILE_HEIGHT_PX``).
 TILE_WIDTH_PX = 240
@@ -91,8 +92,8 @@ def save_gradcam_gallery(model: torch.nn.Module, samples: Sequence[tuple[np.ndar
             ax.axis("off")
         for slot, index in enumerate(chosen):
             ax = axes[slot // columns][slot % columns]
-            image01 = (inputs[index, 0].numpy() / INPUT_RANGE + 1.0) / 2.0   # the crop the model saw
-            ax.imshow(grad_cam.overlay(image01, cams[slot]))
+            image01 = scale_to_unit_range(inputs[index, 0].numpy())   # the crop the model saw
+            ax.imshow(overlay(image01, cams[slot]))
             pred = predicted_chosen[slot]
             text, colour = tile_title(true_indices[index], pred, float(probabilities[slot, pred]), classes)
             name = samples[index][2]

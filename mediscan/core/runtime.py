@@ -1,0 +1,61 @@
+"""Where and how the network runs: the device choice, autocast and the batched forward pass.
+
+Everything that runs the model on many images (training, evaluation, refitting the out-of-scope statistics)
+goes through :func:`predict_split`, so they all see the same eval-mode, fp32-on-CPU numbers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mediscan.core.model import OrganClassifier
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def to_memory_format(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # channels-last lets cuDNN pick its fastest convolution kernels for bf16 on recent GPUs.
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+@torch.inference_mode()
+def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int, device: torch.device,
+                  amp: bool = False, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits ``(N, C)`` for every image, in eval mode, on the CPU, and ``{layer: (N, channels)}`` pooled
+    features of the backbone stages in ``layers`` (see :meth:`OrganClassifier.tapped_features`)."""
+    was_training = model.training
+    model.eval()
+    logits, pooled = [], {name: [] for name in layers}
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = to_memory_format(images[start:start + batch_size].to(device, non_blocking=True), device)
+            with autocast(device, amp):
+                final, taps = model.tapped_features(batch, layers)
+                out = model.head(final)
+            logits.append(out.float().cpu())
+            for name, value in taps.items():
+                pooled[name].append(value.float().cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        return torch.empty(0, model.num_classes), {name: torch.empty(0, 0) for name in layers}
+    return torch.cat(logits), {name: torch.cat(values) for name, values in pooled.items()}
