@@ -2,6 +2,7 @@
 
     streamlit run app.py                  the dashboard (model: $MEDISCAN_MODEL, else models/best.safetensors)
     python app.py flask [--port 5000]     the HTTP API (see mediscan/serve.py)
+    python app.py dicom --out DIR         a DICOM node: receive studies, store results (mediscan/apps/dicom_node.py)
 
 This file only dispatches: the dashboard lives in mediscan/dashboard.py, the API in mediscan/serve.py.
 """
@@ -23,10 +24,14 @@ def _run_by_streamlit() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``python app.py flask ...`` starts the API; anything else prints how to start either."""
+    """``python app.py flask ...`` starts the API, ``python app.py dicom ...`` the DICOM node; anything else
+    prints how to start them."""
     if argv[:1] == ["flask"]:
         from mediscan.apps.serve import main as serve_main
         return serve_main(argv[1:])
+    if argv[:1] == ["dicom"]:
+        from mediscan.apps.dicom_node import main as dicom_main
+        return dicom_main(argv[1:])
     print(USAGE, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 

@@ -11,6 +11,8 @@ Examples::
     # a folder (recursive): one CSV row per file, bad files get an error row
     python test_single_image.py dataset/test --csv results.csv
     python test_single_image.py incoming/ --csv results.csv --overlays overlays/
+    python test_single_image.py /archive --csv results.csv --resume     # continue after a crash
+    torchrun --standalone --nproc_per_node 4 test_single_image.py /archive --csv results.csv
 
 The checkpoint is --checkpoint, else $MEDISCAN_MODEL, else models/best.safetensors.
 Exit codes: 0 ok (folder mode: also when some files had errors -- see the CSV and the summary),

@@ -5,20 +5,23 @@
     python bench/api_load.py --rounds 2                        # two load runs, baseline before/after
     python bench/api_load.py --input-size 64 --requests 2000 --duration 600   # RSS check over 2,000 requests
     python bench/api_load.py --checkpoint models/best.safetensors
+    python bench/api_load.py --device cuda --clients 32 --duration 30    # on a GPU: batching off vs on
 
 What it does, in one process (the server is a subprocess on a free 127.0.0.1 port):
 
 1. baseline: one thread calling ``Predictor.predict(png_bytes)`` in a loop for --baseline-seconds
    (decode + preprocess + forward + calibration: what one request costs, minus HTTP), from the main
    thread and from a fresh thread; the faster is the reference;
-2. --rounds times: start ``python app.py flask`` (waitress, --threads), warm it up, then --clients
-   threads each POST the same PNG (raw body, image/png) to /v1/predict over a kept-alive http.client
-   connection until --duration seconds or --requests requests, whichever comes first;
+2. --rounds times, for batching off (``--batch-window-ms 0``) and on (``--batch-window-ms`` --window):
+   start ``python app.py flask`` (--threads), warm it up, then --clients threads each POST the same PNG
+   (raw body, image/png) to /v1/predict over a kept-alive http.client connection until --duration
+   seconds or --requests requests, whichever comes first;
 3. the baseline again (the machine is shared: the mean of both is the reference).
 
 Prints requests/s, p50/p99 latency, errors (must be 0), server RSS after warm-up and at the end (growth
 must stay under 50 MB over >= 2,000 requests) and served throughput / single-thread predict rate
-(goal >= 0.9). Exit status 1 when a request failed. Without --checkpoint a random-init model at
+(goal >= 0.9), and batching on against off: throughput ratio (goal >= 1 on a CPU at 8 clients, >= 5 on a
+GPU at 32) and p99 ratio (goal <= 1.5), with the mean batch size the server reported. Exit status 1 when a request failed. Without --checkpoint a random-init model at
 --input-size (default 224) is written to a temporary folder. Not a timed test: figures depend on the
 machine and its load, compare ratios within one run.
 """
@@ -64,6 +67,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-seconds", type=float, default=10.0, help="length of each baseline measurement")
     p.add_argument("--image-size", type=int, default=512, help="side of the uploaded PNG")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per client before measuring")
+    p.add_argument("--window", type=float, default=2.0, help="--batch-window-ms of the batching-on runs")
+    p.add_argument("--max-batch", type=int, default=None, help="--max-batch of the batching-on runs")
+    p.add_argument("--device", default="cpu", help="torch device of the server (and of the baseline)")
+    p.add_argument("--modes", default="off,on", help="batching modes to run, in order: off, on or both")
     return p
 
 
@@ -135,10 +142,10 @@ def baseline_rates(predictor: Predictor, image: bytes, seconds: float) -> dict[s
 class Server:
     """``python app.py flask`` as a subprocess on a free localhost port."""
 
-    def __init__(self, checkpoint: Path, threads: int):
+    def __init__(self, checkpoint: Path, threads: int, extra: list[str] = ()):
         self.port = free_port()
         command = [sys.executable, "app.py", "flask", "--port", str(self.port), "--threads", str(threads),
-                   "--checkpoint", str(checkpoint)]
+                   "--checkpoint", str(checkpoint), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MEDISCAN_API_KEY", None)
         self.log = tempfile.TemporaryFile("w+")          # the server's request log: not needed on screen
@@ -182,6 +189,7 @@ class Load:
         self.lock = threading.Lock()
         self.latencies: list[float] = []
         self.errors: list[str] = []
+        self.batch_sizes: list[int] = []
         self.limit = limit
 
     def claim(self) -> bool:
@@ -189,24 +197,26 @@ class Load:
         with self.lock:
             return not self.limit or len(self.latencies) + len(self.errors) < self.limit
 
-    def record(self, latency_s: float | None, error: str | None = None) -> None:
+    def record(self, latency_s: float | None, error: str | None = None, batch: int = 1) -> None:
         with self.lock:
             if error is None:
                 self.latencies.append(latency_s)
+                self.batch_sizes.append(batch)
             else:
                 self.errors.append(error)
 
 
-def post_image(conn: http.client.HTTPConnection, image: bytes) -> str | None:
-    """One POST /v1/predict; ``None`` when the answer is a 200 with a prediction, else what went wrong."""
+def post_image(conn: http.client.HTTPConnection, image: bytes) -> tuple[str | None, int]:
+    """One POST /v1/predict: (``None`` for a 200 with a prediction, else what went wrong; the batch size)."""
     conn.request("POST", "/v1/predict", body=image, headers={"Content-Type": "image/png"})
     response = conn.getresponse()
     body = response.read()
+    batch = int(response.getheader("X-Batch-Size") or 1)
     if response.status != 200:
-        return f"HTTP {response.status}: {body[:200]!r}"
+        return f"HTTP {response.status}: {body[:200]!r}", batch
     if "top_class" not in json.loads(body):
-        return f"no top_class in {body[:200]!r}"
-    return None
+        return f"no top_class in {body[:200]!r}", batch
+    return None, batch
 
 
 def client_loop(port: int, image: bytes, stop_at: float, load: Load) -> None:
@@ -214,13 +224,14 @@ def client_loop(port: int, image: bytes, stop_at: float, load: Load) -> None:
     try:
         while time.perf_counter() < stop_at and load.claim():
             started = time.perf_counter()
+            batch = 1
             try:
-                error = post_image(conn, image)
+                error, batch = post_image(conn, image)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            load.record(time.perf_counter() - started, error)
+            load.record(time.perf_counter() - started, error, batch)
     finally:
         conn.close()
 
@@ -242,9 +253,18 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0 if values else float("nan")
 
 
-def run_load(name: str, args, checkpoint: Path, image: bytes) -> dict:
+def server_options(args, mode: str) -> list[str]:
+    """The ``python app.py flask`` options of one batching mode."""
+    options = ["--device", args.device]
+    if mode == "off":
+        return options + ["--batch-window-ms", "0"]
+    options += ["--batch-window-ms", str(args.window)]
+    return options + (["--max-batch", str(args.max_batch)] if args.max_batch else [])
+
+
+def run_load(name: str, args, checkpoint: Path, image: bytes, mode: str = "off") -> dict:
     """Start a server, warm it up, load it, measure; returns the figures."""
-    server = Server(checkpoint, args.threads)
+    server = Server(checkpoint, args.threads, server_options(args, mode))
     try:
         server.wait_ready()
         drive(server.port, image, args.clients, 1e9, args.warmup * args.clients)   # warm-up: allocator, oneDNN
@@ -254,7 +274,8 @@ def run_load(name: str, args, checkpoint: Path, image: bytes) -> dict:
     finally:
         server.stop()
     done = len(load.latencies)
-    return {"run": name, "requests": done, "errors": len(load.errors), "first_errors": load.errors[:3],
+    return {"run": name, "mode": mode, "requests": done, "errors": len(load.errors), "first_errors": load.errors[:3],
+            "mean_batch": statistics.mean(load.batch_sizes) if load.batch_sizes else float("nan"),
             "rps": done / wall, "p50": percentile(load.latencies, 50), "p99": percentile(load.latencies, 99),
             "rss_before": rss_before, "rss_after": rss_after}
 
@@ -267,12 +288,13 @@ def report(results: list[dict], base: list[dict[str, float]]) -> int:
         print(f"single-thread Predictor.predict() {when} the load: "
               + ", ".join(f"{rate:.2f} images/s ({where})" for where, rate in rates.items()))
     print(f"reference (mean of the faster of each): {reference:.2f} images/s")
-    print(f"{'run':<14}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}"
+    print(f"{'run':<18}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>6}{'errors':>7}"
           f"{'RSS MB start':>13}{'end':>7}{'growth':>8}{'ratio':>7}")
     failed = 0
     for r in results:
         growth = r["rss_after"] - r["rss_before"]
-        print(f"{r['run']:<14}{r['requests']:>9}{r['rps']:>8.2f}{r['p50']:>9.0f}{r['p99']:>9.0f}{r['errors']:>7}"
+        print(f"{r['run']:<18}{r['requests']:>9}{r['rps']:>8.2f}{r['p50']:>9.0f}{r['p99']:>9.0f}"
+              f"{r['mean_batch']:>6.2f}{r['errors']:>7}"
               f"{r['rss_before']:>13.0f}{r['rss_after']:>7.0f}{growth:>+8.1f}{r['rps'] / reference:>7.2f}")
         for message in r["first_errors"]:
             print(f"    error: {message}")
@@ -281,12 +303,22 @@ def report(results: list[dict], base: list[dict[str, float]]) -> int:
             print(f"    note: {r['requests']} requests (< 2,000): the RSS growth figure covers only these")
         elif growth > RSS_LIMIT_MB:
             print(f"    FAIL: RSS grew {growth:.0f} MB over {r['requests']} requests (limit {RSS_LIMIT_MB:.0f} MB)")
-    if len(results) > 1:
-        rates = [r["rps"] for r in results]
-        print(f"mean over {len(rates)} runs: {statistics.mean(rates):.2f} req/s "
-              f"(ratio {statistics.mean(rates) / reference:.2f})")
-    print("goal: errors = 0, ratio >= 0.90, RSS growth < 50 MB over >= 2,000 requests")
+    compare_modes(results)
+    print("goal: errors = 0, ratio >= 0.90, RSS growth < 50 MB over >= 2,000 requests; batching on vs off: "
+          "throughput >= 1x (CPU, 8 clients) / >= 5x (GPU, 32 clients), p99 <= 1.5x")
     return 1 if failed else 0
+
+
+def compare_modes(results: list[dict]) -> None:
+    """Mean throughput and p99 of each batching mode, and on against off."""
+    by_mode = {mode: [r for r in results if r["mode"] == mode] for mode in ("off", "on")}
+    means = {mode: (statistics.mean(r["rps"] for r in runs), statistics.mean(r["p99"] for r in runs))
+             for mode, runs in by_mode.items() if runs}
+    for mode, (rps, p99) in means.items():
+        print(f"batching {mode}: mean {rps:.2f} req/s, p99 {p99:.0f} ms over {len(by_mode[mode])} run(s)")
+    if len(means) == 2:
+        print(f"batching on / off: throughput x{means['on'][0] / means['off'][0]:.2f}, "
+              f"p99 x{means['on'][1] / means['off'][1]:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     image = test_png(args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(tmp), args.input_size)
-        predictor = Predictor(checkpoint, "cpu")
+        predictor = Predictor(checkpoint, args.device)
         print(f"{checkpoint} (input {predictor.input_size}px), {args.image_size}px PNG of {len(image):,} bytes, "
               f"{args.clients} clients x {args.duration:g} s{f' or {args.requests} requests' if args.requests else ''}, "
               f"waitress {args.threads} threads, torch {torch.get_num_threads()} threads, {os.cpu_count()} CPUs",
@@ -303,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline: {base[0]}", flush=True)
         results = []
         for round_ in range(1, args.rounds + 1):
-            label = f"run {round_}"
-            results.append(run_load(label, args, checkpoint, image))
-            print(f"{label}: {results[-1]['rps']:.2f} req/s, {results[-1]['errors']} errors", flush=True)
+            for mode in args.modes.split(","):      # off and on alternate, so drift hits both alike
+                label = f"run {round_} batch {mode}"
+                results.append(run_load(label, args, checkpoint, image, mode))
+                print(f"{label}: {results[-1]['rps']:.2f} req/s, {results[-1]['errors']} errors", flush=True)
         base.append(baseline_rates(predictor, image, args.baseline_seconds))
     return report(results, base)
 

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from mediscan.core.checkpoint import load_checkpoint  # noqa: E402
+from mediscan.core.checkpoint import load_checkpoint
 from mediscan.devtools.synthetic import make_dataset
-from mediscan.inference.predictor import Predictor  # noqa: E402
-from mediscan.training.fit import TrainConfig, fit  # noqa: E402
+from mediscan.inference.predictor import Predictor
+from mediscan.training.fit import TrainConfig, fit
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ Figures:
   exported to a temporary .onnx, then batch-1 latency (predict, explain, explain + faithfulness) and batched
   predict_many throughput are measured for both backends in this process, their calls interleaved so that a
   change in machine load hits both alike; parity = the largest probability / heatmap / OOD-score difference
-  over every image run. This is the measurement behind ``mediscan.onnx_backend.AUTO_PREFERS_ONNX_ON_CPU``.
+  over every image run. This is the measurement behind ``mediscan.inference.onnx_backend.AUTO_PREFERS_ONNX_ON_CPU``.
 
 Without --checkpoint a random-initialised model at the default 224 px input (4 classes, OOD statistics
 fitted on random features so that the OOD scoring is timed too, head scaled so that its probabilities are
@@ -58,6 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the Predictor backend for the first two sections")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false",
                         help="skip the PyTorch vs ONNX Runtime comparison")
+    parser.add_argument("--archive-only", action="store_true",
+                        help="only the archive runner sections (folder mode vs model-only, and memory)")
+    parser.add_argument("--rss-files", type=int, default=10_000,
+                        help="files of the synthetic archive whose memory is measured (0: skip)")
     parser.add_argument("--compare-only", action="store_true",
                         help="only the PyTorch vs ONNX Runtime comparison")
     return parser
@@ -90,6 +94,7 @@ def write_images(folder: Path, count: int, size: int) -> list[Path]:
     """Smooth 8-bit grayscale PNGs, a little different each (decode + resize are part of the timing)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(count):
         cy, cx = rng.uniform(0.3, 0.7, 2)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         predictor = Predictor(checkpoint, args.device, backend=args.backend)
         load_s = time.perf_counter() - started
-        paths = write_images(tmp, max(args.images, 1), args.image_size)
+        paths = write_images(tmp / "images", max(args.images, 1), args.image_size)
         if args.batch_size is None:
             args.batch_size = predictor.batch_size
 
@@ -131,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(predictor.classes)}, OOD {'yes' if predictor.ood else 'no'}; backend "
               f"{predictor.backend}; loaded in {load_s:.1f}s")
         print(f"images: {args.image_size}x{args.image_size} 8-bit PNG files")
+        if args.archive_only:
+            archive_sections(Path(checkpoint), paths, tmp, args)
+            return 0
         if not args.compare_only:
             baseline_sections(predictor, paths, args)
         if args.onnx:
             compare_backends(Path(checkpoint), paths, tmp, args)
+        if not args.compare_only:
+            archive_sections(Path(checkpoint), paths, tmp, args)
     return 0
 
 
@@ -204,7 +214,8 @@ def compare_backends(checkpoint: Path, paths: list[Path], tmp: Path, args) -> No
     try:
         import onnxruntime
 
-        from mediscan.inference.onnx_backend import AUTO_PREFERS_ONNX_ON_CPU, export_onnx
+        from mediscan.inference.onnx_backend import AUTO_PREFERS_ONNX_ON_CPU
+        from mediscan.inference.onnx_export import export_onnx
     except ImportError as exc:
         print(f"  skipped: {exc} (pip install onnx onnxruntime)")
         return
@@ -266,8 +277,101 @@ def compare_backends(checkpoint: Path, paths: list[Path], tmp: Path, args) -> No
     verdict = ("ONNX Runtime is clearly faster and parity holds: 'auto' may prefer it" if faster and holds else
                "parity does NOT hold: 'auto' must stay on PyTorch" if not holds else
                f"ONNX Runtime is not clearly faster (< {CLEARLY_FASTER}x): 'auto' should stay on PyTorch")
-    print(f"  decision: {verdict} (mediscan.onnx_backend.AUTO_PREFERS_ONNX_ON_CPU = {AUTO_PREFERS_ONNX_ON_CPU})"
+    print(f"  decision: {verdict} (mediscan.inference.onnx_backend.AUTO_PREFERS_ONNX_ON_CPU = {AUTO_PREFERS_ONNX_ON_CPU})"
           f"{load_average()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The archive runner (folder mode): against the model alone, and its memory over a large archive
+# --------------------------------------------------------------------------------------------------
+
+def archive_sections(checkpoint: Path, paths: list[Path], tmp: Path, args) -> None:
+    """Folder-mode throughput vs the model-only rate for each backend, then memory over --rss-files files."""
+    from mediscan.inference.archive import ArchiveJob, _run_batch, run_archive
+
+    backends = {"torch": Predictor(checkpoint, args.device, backend="torch")}
+    if args.onnx and backends["torch"].device.type == "cpu":
+        try:
+            from mediscan.inference.onnx_export import export_onnx
+            exported = export_onnx(checkpoint, tmp / "archive.onnx")
+            backends["onnx"] = Predictor(checkpoint, "cpu", backend="onnx", onnx_path=exported.path)
+        except Exception as exc:  # noqa: BLE001 -- the PyTorch figures are still worth printing
+            print(f"  (ONNX Runtime skipped: {exc})")
+    batch = args.batch_size
+    print(f"\n== folder mode (archive runner) vs the model alone, {len(paths)} files, batch {batch}{load_average()}")
+    prepared = {name: [p._prepare(path, None) for path in paths] for name, p in backends.items()}
+
+    def model_only(p, name):          # forward passes on already decoded, preprocessed full batches
+        for start in range(0, len(paths), batch):
+            _run_batch(p, prepared[name][start:start + batch], False)
+
+    def folder(p, name):
+        run_archive(p, ArchiveJob(paths[0].parent, tmp / f"archive-{name}.csv", batch))
+
+    measures = {"model only (decoded batches)": model_only, "one at a time, predict()": lambda p, _: [
+        p.predict(path) for path in paths], f"batched predict_many({batch})": lambda p, _: p.predict_many(
+        paths, batch_size=batch), "folder mode (run_archive)": folder}
+    for p in backends.values():       # warm-up: both shapes
+        p.predict(paths[0])
+        p.predict_many(paths[:batch], batch_size=batch)
+    rates = {}
+    for index, (label, fn) in enumerate(measures.items()):
+        for name in (list(backends) if index % 2 == 0 else list(backends)[::-1]):   # flip the order
+            started = time.perf_counter()
+            fn(backends[name], name)
+            rates[label, name] = len(paths) / (time.perf_counter() - started)
+    print(f"  {'':32s}" + "".join(f"{name:>16s}" for name in backends))
+    for label in measures:
+        print(f"  {label:32s}" + "".join(f"{rates[label, name]:9.2f} img/s" for name in backends))
+    model_label, one_label, batched_label, folder_label = measures
+    for name in backends:
+        print(f"  {name}: folder mode / model only {rates[folder_label, name] / rates[model_label, name]:5.2f}x "
+              f"(goal >= 0.9), batched / one at a time {rates[batched_label, name] / rates[one_label, name]:5.2f}x "
+              f"(goal >= 1){load_average()}")
+    if args.rss_files:
+        archive_memory(tmp / "rss", args.rss_files)
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now (not the peak), MB."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def archive_memory(folder: Path, count: int) -> None:
+    """RSS after 1,000 and after ``count`` files of a synthetic archive (tiny 64 px model, 64 px PNGs in
+    folders of 500): what the runner keeps per file shows up as growth between the two."""
+    from mediscan.devtools.synthetic import pattern_image, write_tiny_checkpoint
+    from mediscan.inference.archive import ArchiveJob, run_archive
+
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for k in range(count):
+        target = folder / "archive" / f"{k // 500:04d}" / f"{k:07d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pattern_image(k % 4, 64, rng)).save(target)
+    checkpoint = write_tiny_checkpoint(folder / "tiny.safetensors", with_ood=True)
+    predictor = Predictor(checkpoint, "cpu", backend="torch")
+    print(f"\n== memory over a synthetic archive of {count} files (64 px PNGs, 64 px model; written in "
+          f"{time.perf_counter() - started:.0f}s){load_average()}")
+    samples, done = {}, [0]
+    marks = sorted({min(1000, count), count})
+
+    def progress(rows: int) -> None:
+        done[0] += rows
+        for mark in marks:
+            if done[0] >= mark and mark not in samples:
+                samples[mark] = current_rss_mb()
+
+    before = current_rss_mb()
+    started = time.perf_counter()
+    run_archive(predictor, ArchiveJob(folder / "archive", folder / "archive.csv", 16), progress=progress)
+    seconds = time.perf_counter() - started
+    print(f"  RSS after the model load {before:7.1f} MB")
+    for mark in marks:
+        print(f"  RSS after {mark:6d} files {samples[mark]:7.1f} MB")
+    print(f"  growth from {marks[0]} to {marks[-1]} files: {samples[marks[-1]] - samples[marks[0]]:+.1f} MB "
+          f"(goal < 50 MB); {count / seconds:.1f} files/s")
 
 
 if __name__ == "__main__":

@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from mediscan.core.dataset import scan_dataset
-from mediscan.core.imaging import read_image  # noqa: E402
-from mediscan.core.model import build_model  # noqa: E402
-from mediscan.core.preprocessing import preprocess  # noqa: E402
+from mediscan.core.imaging import read_image
+from mediscan.core.model import build_model
+from mediscan.core.preprocessing import preprocess
 from mediscan.core.runtime import select_device
-from mediscan.training.augment import augment_batch  # noqa: E402
-from mediscan.training.fit import TrainConfig, calibrate_batchnorm, fit, peak_memory_summary  # noqa: E402
+from mediscan.training.augment import augment_batch
+from mediscan.training.epochs import calibrate_batchnorm
+from mediscan.training.fit import TrainConfig, fit, peak_memory_summary
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_benchmark_dataset(source: Path, target: Path, total: int) -> None:

@@ -3,6 +3,7 @@ real servers and the browser) live in ``mediscan.devtools`` so that the benchmar
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,38 @@ from mediscan.devtools.synthetic import make_dataset
 
 #: The repository root: the top-level entry points (app.py, test_single_image.py, ...) live there.
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Markers of tests that need hardware the CI machine lacks: only these may skip under CI=true.
+HARDWARE_MARKERS = ("gpu",)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (CI=true) a skipped test fails, unless it is marked as needing hardware CI lacks (``gpu``):
+    every other dependency is installed by .ci/run, so a skip there would hide a broken install."""
+    outcome = yield
+    report = outcome.get_result()
+    if _in_ci() and report.skipped and not hasattr(report, "wasxfail") and \
+            not any(item.get_closest_marker(name) for name in HARDWARE_MARKERS):
+        report.outcome, report.longrepr = "failed", f"skipped in CI (CI=true), which must run it: {_reason(report)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same rule for a whole module skipped at import (``pytest.importorskip`` at module level)."""
+    outcome = yield
+    report = outcome.get_result()
+    if _in_ci() and report.skipped:
+        report.outcome, report.longrepr = "failed", f"{collector.nodeid} skipped in CI (CI=true): {_reason(report)}"
+
+
+def _reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
 
 
 @pytest.fixture(scope="session", autouse=True)

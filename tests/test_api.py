@@ -29,9 +29,15 @@ from mediscan.inference.predictor import TRAIN_COMMAND, VERDICTS, Predictor
 # ----------------------------------------------------------------------------------------------- fixtures
 # Requests run in the test's own thread here, on one torch thread (conftest's session-wide one_torch_thread).
 
+#: What training would have stored; the model card must report exactly these (hand-picked, distinct) values.
+METRICS = {"val": {"accuracy": 0.8125, "macro_f1": 0.79}, "test": {"accuracy": 0.75, "macro_f1": 0.7321,
+                                                                      "ece": 0.091, "ece_calibrated": 0.034}}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("api") / "tiny.safetensors")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("api") / "tiny.safetensors", metrics=METRICS,
+                                 temperature=1.7)
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +111,19 @@ def test_health_reports_the_loaded_model(client, checkpoint):
     assert body["model"] == {"checkpoint": str(checkpoint), "classes": list(CLASSES), "input_size": 64}
 
 
-def test_model_card(client):
+def test_model_card(client, checkpoint):
     r = client.get("/v1/model")
     assert r.status_code == 200
     card = r.get_json()
     assert card["classes"] == list(CLASSES) and card["input_size"] == 64
+    assert card["checkpoint"] == str(checkpoint) and card["device"] == "cpu"
     assert card["weight_source"] == "none (random initialisation)"
     assert card["version"] and card["not_for_clinical_use"] == NOT_FOR_CLINICAL_USE
-    assert "test_accuracy" in card and "ece" in card
+    # the metrics stored at training time, split by split; the ECE that describes calibrated answers
+    assert (card["test_accuracy"], card["test_macro_f1"], card["val_accuracy"]) == (0.75, 0.7321, 0.8125)
+    assert (card["ece"], card["ece_before_calibration"]) == (0.034, 0.091)
+    assert card["temperature"] == pytest.approx(1.7) and card["uncertain_below"] == 0.6
+    assert card["out_of_scope_check"] is False and card["ood"] is None
 
 
 def test_openapi_documents_every_route(app, client):
@@ -305,10 +316,13 @@ def test_pixel_limit_for_a_predictor_built_by_the_app(checkpoint):
     assert client.post("/v1/predict", data=upload(png_bytes(36, 40))).status_code == 200
 
 
-def test_unexpected_errors_are_500_with_only_a_request_id(client, predictor, monkeypatch, caplog):
+@pytest.mark.parametrize("window_ms, method", [(0, "predict"), (2, "predict_many")])   # batching off / on
+def test_unexpected_errors_are_500_with_only_a_request_id(predictor, monkeypatch, caplog, window_ms, method):
+    client = create_app({"PREDICTOR": predictor, "API_KEY": None, "BATCH_WINDOW_MS": window_ms}).test_client()
+
     def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail")
-    monkeypatch.setattr(predictor, "predict", boom)
+    monkeypatch.setattr(predictor, method, boom)
     with caplog.at_level(logging.ERROR, logger="mediscan.api"):
         r = client.post("/v1/predict", data=upload(png_bytes()))
     error = error_of(r, 500, "internal_error")
@@ -424,16 +438,27 @@ def test_concurrent_requests_share_one_predictor(app, predictor):
 
 # ----------------------------------------------------------------------------------------------- serving
 
-def test_serve_defaults_to_localhost_and_keeps_uploads_in_memory():
-    from mediscan.apps.serve import app_config, get_args_parser, waitress_options
+def test_serve_defaults_to_localhost_and_keeps_uploads_in_memory(predictor):
+    from mediscan.apps.serve import app_config, get_args_parser, guard_of
+    from mediscan.apps.server import waitress_settings
     args = get_args_parser().parse_args([])
-    assert args.host == "127.0.0.1" and not args.dev
+    assert args.host == "127.0.0.1" and not args.dev and args.batch_window_ms > 0
     config = app_config(args)
-    options = waitress_options(args, config["MAX_CONTENT_LENGTH"])
     assert config["MAX_CONTENT_LENGTH"] == 20 * 2**20
-    assert options["inbuf_overflow"] >= config["MAX_CONTENT_LENGTH"]
-    assert options["max_request_body_size"] == options["inbuf_overflow"]
+    guard = guard_of(args, create_app({**config, "PREDICTOR": predictor, "API_KEY": "k"}))
+    assert (guard.max_body, guard.api_key, guard.connection_limit) == (20 * 2**20, "k", 100)
+    options = waitress_settings(guard, 8, "127.0.0.1", 5000, "x")
+    assert options["max_request_body_size"] == guard.max_body + 1       # waitress refuses at >=
+    assert options["inbuf_overflow"] > guard.max_body                    # nothing ever spills to a temp file
     assert options["outbuf_overflow"] > options["inbuf_overflow"]
+
+
+@pytest.mark.parametrize("option", ["--threads=0", "--connection-limit=0", "--header-timeout=0", "--body-timeout=-1",
+                                    "--batch-window-ms=-1", "--max-batch=0", "--max-content-mb=0"])
+def test_serve_refuses_bad_options(option, capsys):
+    from mediscan.apps import serve
+    assert serve.main([option]) == 2
+    assert option.split("=")[0] in capsys.readouterr().err
 
 
 def test_dev_server_never_enables_the_debugger(tmp_path, monkeypatch, capsys):

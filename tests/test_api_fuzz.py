@@ -117,3 +117,65 @@ def test_batch_with_random_parts(client, parts):
     body = check(client.post("/v1/predict/batch", data=form, content_type="multipart/form-data"))
     if "results" in body:
         assert [item["index"] for item in body["results"]] == list(range(body["count"]))
+
+
+# ----------------------------------------------------------------------------------------------- the contract
+# schemathesis against the live server (``python app.py flask``), every check on, bounded examples.
+
+import schemathesis  # noqa: E402  (kept with the tests that use it)
+from hypothesis import Phase  # noqa: E402
+
+from test_api_server import real_server  # noqa: E402
+
+CONTRACT_EXAMPLES = 20           # per operation (x 5 operations)
+#: One check is configured, none turned off: a batch over the schema's ``maxItems`` (the server's
+#: MAX_BATCH_FILES) is refused with 413 ``too_many_files``, as the API documents, so 413 counts as a
+#: rejection of invalid data next to schemathesis' default list.
+CONTRACT_CONFIG = schemathesis.config.SchemathesisConfig.from_dict({"checks": {"negative_data_rejection": {
+    "expected-statuses": ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429",
+                          "5XX"]}}})
+
+
+@st.composite
+def _radiograph(draw, formats=("PNG", "JPEG", "BMP", "TIFF")) -> bytes:
+    """What the API's binary fields mean: a decodable grayscale image, each side >= 32 px."""
+    fmt = draw(st.sampled_from(formats))
+    side = draw(st.integers(32, 72))
+    image = pattern_image(draw(st.integers(0, 3)), side, np.random.default_rng(draw(st.integers(0, 2**16))))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _register_image_strategies() -> None:
+    """JSON Schema cannot say "a decodable image of at least 32 x 32 pixels" (the schema says it in words),
+    so schemathesis is taught what a schema-valid image is; without this its 1 x 1 PNG sample would be
+    reported as a valid request the server rejects (it answers 400 too_small, as documented)."""
+    schemathesis.openapi.format("binary", _radiograph())
+    for media_type, formats in (("image/png", ("PNG",)), ("image/jpeg", ("JPEG",)), ("image/tiff", ("TIFF",)),
+                                ("image/bmp", ("BMP",)), ("application/dicom", ("PNG",)),
+                                ("application/octet-stream", ("PNG", "JPEG"))):
+        schemathesis.openapi.media_type(media_type, _radiograph(formats))
+
+
+_register_image_strategies()
+
+
+@pytest.fixture(scope="module")
+def live_schema(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("contract") / "tiny.safetensors")
+    with real_server(path, "--max-content-mb", "1", "--threads", "2") as server:
+        yield schemathesis.openapi.from_url(f"http://127.0.0.1:{server.port}/openapi.json", config=CONTRACT_CONFIG)
+
+
+contract = schemathesis.pytest.from_fixture("live_schema")
+
+
+@contract.parametrize()
+@settings(max_examples=CONTRACT_EXAMPLES, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+def test_the_server_keeps_its_openapi_contract(case):
+    """Every check schemathesis has, none turned off: no 5xx, documented statuses and content types,
+    answers that match their schemas, schema-valid requests accepted, invalid ones rejected."""
+    case.call_and_validate(timeout=60)

@@ -223,7 +223,8 @@ def test_folder_mode_writes_one_row_per_file_including_errors(fast_load, checkpo
     assert [row["path"] for row in rows] == ["a.png", "broken.jpg", "empty.png", "nested/b.png",
                                              "nested/deeper/c.dcm"]
     assert list(rows[0]) == ["path", "class", "confidence", *(f"p_{c}" for c in CLASSES), "verdict",
-                             "ood_score", "error"]
+                             "ood_score", "error", "study_instance_uid", "series_instance_uid",
+                             "sop_instance_uid", "modality", "body_part_examined", "header_check"]
     errors = {row["path"]: row for row in rows if row["error"]}
     assert set(errors) == {"broken.jpg", "empty.png"} and all(r["verdict"] == "error" for r in errors.values())
     for row in rows:
@@ -233,6 +234,22 @@ def test_folder_mode_writes_one_row_per_file_including_errors(fast_load, checkpo
     assert "5 files: 3 predicted, 2 errors" in out and "per class:" in out and "per verdict:" in out
     assert sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png")) == [
         "a.png.png", "nested/b.png.png", "nested/deeper/c.dcm.png"]
+
+
+def test_folder_mode_resume_keeps_the_rows_and_does_the_new_files(fast_load, checkpoint, tmp_path, capsys):
+    folder, results = tmp_path / "incoming", tmp_path / "results.csv"
+    save_png(folder / "b.png")
+    (folder / "c.png").write_bytes(b"")
+    argv = [folder, "--checkpoint", checkpoint, "--csv", results, "--no-progress"]
+    assert run(argv, capsys)[0] == 0
+    first = results.read_text()
+    save_png(folder / "d.png", image_u8(seed=3))            # arrives after the first run
+    code, out, _ = run(argv + ["--resume"], capsys)
+    assert code == 0 and "resumed: 2 files were already in the CSV, 1 done now" in out
+    assert "3 files: 2 predicted, 1 errors" in out          # the summary counts the whole CSV
+    text = results.read_text()
+    assert text.startswith(first) and [line.split(",")[0] for line in text.splitlines()[1:]] == [
+        "b.png", "c.png", "d.png"]
 
 
 def test_empty_folder_exits_2(checkpoint, tmp_path, capsys):

@@ -338,3 +338,22 @@ def test_layer_mismatches_are_explained(layered):
         fit_ood(train, labels, {FINAL_LAYER: val[FINAL_LAYER]})
     with pytest.raises(ValueError, match="N features per layer"):
         fit_ood(dict(train, early=train["early"][:50]), labels)
+
+
+def test_the_rule_is_written_once_and_an_old_stored_rule_still_loads(layered):
+    """meta["ood"]["rule"] is the detector's own sentence (the model card quotes the same one); a checkpoint
+    that stored the older wording loads unchanged, because the stored sentence is never read back."""
+    detector, val = layered
+    meta = detector.to_meta()
+    assert meta["rule"] == detector.rule() == (
+        f"Images whose features lie further from the training images than 95% of validation images "
+        f"(Mahalanobis score on early, norm5 > {detector.threshold:.3g}) are reported as out of scope.")
+    meta["rule"] = ("out of scope when the largest per-layer Mahalanobis distance to the nearest class mean, "
+                    "each divided by its layer's 95th percentile of held-out distances, exceeds the 95th "
+                    "percentile of held-out in-distribution scores")
+    old = OODDetector.from_checkpoint(detector.to_tensors(), {"classes": list("abcd"), "ood": meta})
+    assert old.threshold == detector.threshold
+    torch.testing.assert_close(old.score(val), detector.score(val))
+    scores = detector.score(val)
+    assert torch.equal(detector.flag(scores), scores > detector.threshold)
+    assert torch.equal(detector.is_out_of_scope(val), scores > detector.threshold)

@@ -22,6 +22,7 @@ from PIL import Image
 from mediscan.core.checkpoint import CheckpointError
 from mediscan.core.imaging import ImageReadError, read_image
 from mediscan.core.preprocessing import preprocess
+from mediscan.core.verdicts import verdict
 from mediscan.devtools import synthetic
 from mediscan.devtools.synthetic import detector_around, tiny_model, write_tiny_checkpoint
 from mediscan.inference.predictor import (
@@ -278,6 +279,44 @@ def test_verdict_rules(predictor, reference_png, reference_prediction):
     relaxed = copy.copy(predictor)
     relaxed.uncertain_below = 0.0
     assert relaxed.predict(reference_png).verdict == "confident"
+
+
+def test_the_verdict_function_in_words():
+    """The one verdict function: colour first, then the detector, then confidence; sentences as users read them."""
+    args = dict(uncertain_below=0.6, has_detector=True, ood_score=3.25, ood_threshold=1.5)
+    assert verdict("lungs", 0.9, is_colour=True, colourfulness=0.42, flagged=True, **args) == (
+        "out_of_scope", "This is a colour image (colourfulness 0.42, above 0.1) and X-rays are grayscale, so the "
+        "'lungs' prediction should not be trusted. Upload the original grayscale radiograph.")
+    assert verdict("lungs", 0.3, flagged=True, **args) == (
+        "out_of_scope", "This image does not resemble the X-rays the model was trained on (out-of-scope score "
+        "3.25 is above the limit of 1.50), so the 'lungs' prediction should not be trusted.")
+    assert verdict("heart", 0.59, **args) == (
+        "uncertain", "The model is unsure: its best guess 'heart' has only 59% confidence, below the 60% "
+        "needed for a confident answer.")
+    assert verdict("heart", 0.6, **args).reason == (
+        "The model says 'heart' with 60% confidence, and the image resembles the training images.")
+    assert verdict("heart", 0.6, uncertain_below=0.6).reason == (
+        "The model says 'heart' with 60% confidence, but this model cannot tell whether the image is an X-ray "
+        "at all.")
+
+
+def test_model_card_states_the_out_of_scope_rule(predictor):
+    """The API's and dashboard's "out_of_scope" sentence, written out by hand from the detector's numbers."""
+    ood = predictor.ood
+    assert predictor.model_card()["out_of_scope"] == (
+        f"Images whose features lie further from the training images than {ood.percentile:g}% of validation "
+        f"images (Mahalanobis score on {', '.join(ood.layer_names)} > {ood.threshold:.3g}) are reported as out "
+        f"of scope. Colour images (colourfulness > 0.1) are out of scope: X-rays are grayscale.")
+
+
+def test_one_image_is_a_batch_of_one(predictor, reference_png):
+    """predict / explain and predict_many / explain_many give the same answer, to the last bit."""
+    single, batched = predictor.explain(reference_png, faithfulness=False), predictor.explain_many([reference_png])[0]
+    assert single.prediction.probabilities == batched.prediction.probabilities
+    assert single.prediction.ood_score == batched.prediction.ood_score
+    assert single.prediction.verdict_reason == batched.prediction.verdict_reason
+    np.testing.assert_array_equal(single.heatmap, batched.heatmap)
+    assert predictor.predict(reference_png).probabilities == predictor.predict_many([reference_png])[0].probabilities
 
 
 def test_without_ood_statistics_only_colour_is_out_of_scope(plain_predictor, reference_image):

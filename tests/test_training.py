@@ -162,15 +162,16 @@ def test_evaluate_alone_in_a_fresh_process(trained, tmp_path):
 def test_colour_training_images_are_named_in_the_log_and_the_report_notes(tmp_path):
     from PIL import Image
 
-    from mediscan.training.fit import describe_dataset, load_tensors
+    from mediscan.training.data import describe_dataset, load_tensors
     # One training image recoloured: the same structure in an orange-and-blue duotone.
     data = make_dataset(tmp_path / "dataset", per_class=3)
     gray = np.asarray(Image.open(data / "train" / "heart" / "heart_train_0.png"))
     tinted = np.stack([gray, gray // 2, 255 - gray], -1).astype(np.uint8)
     Image.fromarray(tinted).save(data / "train" / "heart" / "heart_train_0.png")
     config = TrainConfig(data=str(data), out=str(tmp_path / "m"), **FAST)
-    splits, lines = scan_dataset(data), []
-    tensors = load_tensors(splits, config, lines.append)
+    scanned, lines = scan_dataset(data), []
+    tensors, splits = load_tensors(scanned, config, lines.append)
+    assert scanned.colour == [] and scanned.skipped == []          # the caller's splits are left as they were
     assert tensors["train"].colour_paths == [data / "train" / "heart" / "heart_train_0.png"]
     assert tensors["val"].colour_paths == [] and len(tensors["train"]) == 12      # still trained on
     warning = [line for line in lines if line.startswith("WARNING: 1 image(s) are colour pictures")]
@@ -218,3 +219,29 @@ def test_refit_ood_refuses_a_dataset_with_other_classes(trained, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == cli.EXIT_NO_MODEL and "has classes ['hand', 'knee', 'skull', 'spine']" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_report_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """Writing the report and the gallery must not switch the process's plotting backend (a user's
+    notebook or GUI session) nor go through pyplot's global, thread-unsafe figure registry."""
+    script = """
+import sys, matplotlib, numpy as np, torch
+matplotlib.use("svg")
+from pathlib import Path
+from mediscan.core.model import build_model
+from mediscan.evaluation import gallery, report
+out = Path(sys.argv[1])
+report.save_confusion_matrix([[2, 0], [1, 1]], ["a", "b"], out)
+report.save_history([{"epoch": 1, "stage": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
+                      "val_acc": 0.5}], out)
+model, _ = build_model(2, "none")
+gallery.save_gradcam_gallery(model.eval(), [(np.random.default_rng(0).random((40, 40)), 0, "x.png")],
+                             ["a", "b"], out / "g.png", input_size=32)
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["svg", "False"]
+    for name in ("confusion_matrix.png", "training_curves.png", "g.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

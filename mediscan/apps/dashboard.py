@@ -16,40 +16,47 @@ Page structure (top to bottom)::
                              Grad-CAM: class choice, opacity slider, original | heatmap | overlay,
                              faithfulness, downloads (overlay PNG, JSON report)
 
-Costs: the model is loaded once per process (:func:`load_predictor`, keyed by checkpoint path and file
-mtime) and shared by every session; the :class:`~mediscan.predictor.Predictor` is thread-safe. Each
+Costs: the model is loaded once per process (``dashboard_state.load_predictor``, keyed by checkpoint path
+and file mtime) and shared by every session; the :class:`~mediscan.inference.predictor.Predictor` is thread-safe. Each
 (image, explained class) pair runs the model at most once per session (:class:`ExplanationCache`), so
 moving the opacity slider or going back to a class already shown only re-blends the overlay.
 
 Privacy: uploads stay in memory (Streamlit keeps them in RAM; nothing here writes or logs them), and the
 JSON report holds the file name, the model's output and the model's identity -- no DICOM header field.
 
-No model code and no Flask here: everything model-related goes through :mod:`mediscan.predictor`.
+No model code and no Flask here: everything model-related goes through :mod:`mediscan.inference.predictor`.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import hashlib
 import json
-import os
-import re
-from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import altair as alt
-import cv2
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from mediscan import NOT_FOR_CLINICAL_USE, __version__
+from mediscan.apps.dashboard_content import (
+    ImageResult,
+    analysis_report,
+    faithfulness_sentence,
+    file_stem,
+    percent,
+    probability_chart,
+    probability_text,
+    summary_table,
+    training_date,
+    upload_digest,
+)
+from mediscan.apps.dashboard_state import (
+    ExplanationCache,
+    default_checkpoint_text,
+    load_predictor,
+    model_key,
+    session_cache,
+)
 from mediscan.core.checkpoint import CheckpointError
 from mediscan.core.imaging import SUPPORTED_SUFFIXES, ImageReadError
 from mediscan.core.preprocessing import to_uint8
-from mediscan.explain.overlays import colorize  # top-level module of this project (torch/numpy/cv2 only)
+from mediscan.explain.overlays import colorize
 from mediscan.inference.predictor import (
     DEFAULT_CHECKPOINT,
     ENV_CHECKPOINT,
@@ -58,7 +65,6 @@ from mediscan.inference.predictor import (
     ModelNotFoundError,
     Prediction,
     Predictor,
-    resolve_checkpoint_path,
 )
 
 __all__ = [
@@ -79,288 +85,6 @@ DATASET_LAYOUT = """dataset/
 ├── val/          same class folders (optional: split off train/ when absent)
 └── test/         same class folders"""
 DEFAULT_OPACITY = 0.4
-#: Images are shown at most this many pixels wide/high: a 3000 px X-ray sent three times per slider move
-#: would make the page sluggish. Downloads keep the full resolution.
-PREVIEW_MAX_SIDE = 768
-VERDICT_LABELS = {"confident": "Confident", "uncertain": "Uncertain", "out_of_scope": "Out of scope",
-                  "error": "Unreadable"}
-_CACHE_STATE_KEY = "mediscan_explanations"
-
-
-# --------------------------------------------------------------------------------------------------
-# Model loading (once per process, shared across sessions)
-# --------------------------------------------------------------------------------------------------
-
-def default_checkpoint_text() -> str:
-    """The checkpoint path field's initial value: ``$MEDISCAN_MODEL``, else ``models/best.safetensors``."""
-    return os.environ.get(ENV_CHECKPOINT) or str(DEFAULT_CHECKPOINT)
-
-
-@st.cache_resource(max_entries=2, show_spinner="Loading the model ...")
-def _cached_predictor(path: str, mtime_ns: int, size: int) -> Predictor:
-    # mtime and size are part of the key only: a retrained checkpoint at the same path is reloaded, and
-    # max_entries=2 lets the replaced model be freed.
-    del mtime_ns, size
-    return Predictor(path)
-
-
-def load_predictor(path_text: str | None) -> Predictor:
-    """The shared :class:`Predictor` for the checkpoint at ``path_text`` (empty = the Predictor's default).
-
-    Raises :class:`ModelNotFoundError` when there is no file, :class:`CheckpointError` when it is unusable.
-    """
-    path = resolve_checkpoint_path(path_text or None).resolve()
-    stat = path.stat()
-    return _cached_predictor(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-def model_key(predictor: Predictor) -> str:
-    """Identifies the loaded weights, so cached explanations never outlive a model switch."""
-    path = Path(predictor.checkpoint_path)
-    try:
-        return f"{path}:{path.stat().st_mtime_ns}"
-    except OSError:
-        return str(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-session explanation cache
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CachedExplanation:
-    """An explanation at full resolution (downloads) plus a small copy for the page (previews)."""
-
-    full: Explanation
-    preview: Explanation
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in (self.full.image, self.full.heatmap,
-                                           self.preview.image, self.preview.heatmap))
-
-
-def preview_of(explanation: Explanation, max_side: int = PREVIEW_MAX_SIDE) -> Explanation:
-    """The same explanation with image and heatmap shrunk to at most ``max_side`` pixels."""
-    height, width = explanation.image.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1.0:
-        return explanation
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))   # cv2 wants (width, height)
-    image = cv2.resize(explanation.image, size, interpolation=cv2.INTER_AREA)
-    heatmap = cv2.resize(explanation.heatmap, size, interpolation=cv2.INTER_AREA)
-    return dataclasses.replace(explanation, image=image, heatmap=heatmap)
-
-
-class ExplanationCache:
-    """A bounded LRU of explanations keyed by (model, image-bytes hash, explained class).
-
-    Lives in ``st.session_state`` (see :func:`session_cache`): results of one user's images stay in that
-    user's session and disappear with it. Bounded by entry count and by bytes, because full-resolution
-    X-rays are tens of MB each.
-    """
-
-    def __init__(self, max_entries: int = 24, max_bytes: int = 512 * 2**20):
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, CachedExplanation] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: tuple) -> CachedExplanation | None:
-        """The cached entry (marked as recently used), or ``None``."""
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: tuple, item: CachedExplanation) -> None:
-        """Store ``item``, evicting the least recently used entries beyond the bounds (never ``item``)."""
-        self._items[key] = item
-        self._items.move_to_end(key)
-        while len(self._items) > 1 and (len(self._items) > self.max_entries or self._total_bytes() > self.max_bytes):
-            self._items.popitem(last=False)
-
-    def _total_bytes(self) -> int:
-        # Several keys may share one entry (the default-class alias); count each object once.
-        return sum(item.nbytes for item in {id(i): i for i in self._items.values()}.values())
-
-    def explain(self, predictor: Predictor, data: bytes, class_name: str | None, *, name: str,
-                model: str, digest: str) -> CachedExplanation:
-        """The explanation of ``data`` for ``class_name`` (``None`` = predicted class), computing it only once.
-
-        ``digest`` is the SHA-256 of ``data`` (the caller already has it). Raises what
-        :meth:`Predictor.explain` raises (:class:`ImageReadError` for a bad image).
-        """
-        key = (model, digest, class_name)
-        cached = self.get(key)
-        if cached is not None:
-            return cached
-        explanation = predictor.explain(data, class_name, name=name)
-        item = CachedExplanation(explanation, preview_of(explanation))
-        self.put(key, item)
-        if class_name is None:   # choosing the predicted class by name later must not run the model again
-            self.put((model, digest, explanation.explained_class), item)
-        return item
-
-
-def session_cache() -> ExplanationCache:
-    """This session's :class:`ExplanationCache` (created on first use)."""
-    if _CACHE_STATE_KEY not in st.session_state:
-        st.session_state[_CACHE_STATE_KEY] = ExplanationCache()
-    return st.session_state[_CACHE_STATE_KEY]
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure helpers (no Streamlit calls): results, chart, table, report
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One upload after analysis: its default (predicted-class) explanation, or the reason it failed."""
-
-    name: str
-    file_id: str
-    digest: str
-    data: bytes = dataclasses.field(repr=False)
-    default: CachedExplanation | None = None
-    error: str | None = None
-
-    @property
-    def prediction(self) -> Prediction | None:
-        return None if self.default is None else self.default.full.prediction
-
-
-def upload_digest(data: bytes) -> str:
-    """SHA-256 of the upload's bytes: the cache key for its explanations."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def probability_chart(prediction: Prediction, text_color: str = "#e8eaed") -> alt.Chart:
-    """Horizontal bars of every class probability, highest first, each labelled with its percentage.
-
-    ``text_color`` colours the percentage labels (Vega's default black is unreadable on the dark theme).
-    """
-    frame = pd.DataFrame({"class": list(prediction.probabilities),
-                          "probability": [float(p) for p in prediction.probabilities.values()]})
-    frame = frame.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
-    frame["label"] = [probability_text(p) for p in frame["probability"]]
-    frame["predicted"] = frame["class"] == prediction.top_class
-    order = list(frame["class"])
-    # The x domain runs past 100 % so the label of a near-certain class still fits right of its bar.
-    base = alt.Chart(frame).encode(
-        y=alt.Y("class:N", sort=order, title=None, axis=alt.Axis(labelFontSize=14, labelLimit=160)),
-        x=alt.X("probability:Q", title="Calibrated probability", scale=alt.Scale(domain=[0, 1.18]),
-                axis=alt.Axis(format="%", values=[0, 0.25, 0.5, 0.75, 1.0])),
-        tooltip=[alt.Tooltip("class:N", title="Class"), alt.Tooltip("label:N", title="Probability")],
-    )
-    bars = base.mark_bar(cornerRadiusEnd=3).encode(
-        color=alt.Color("predicted:N", legend=None,
-                        scale=alt.Scale(domain=[True, False], range=["#ff4b4b", "#5c6b80"])))
-    labels = base.mark_text(align="left", dx=5, fontSize=13, color=text_color).encode(text="label:N")
-    return (bars + labels).properties(height=36 * len(order) + 20)
-
-
-def summary_table(results: list[ImageResult]) -> pd.DataFrame:
-    """One row per upload: file, class, confidence (percent, ``None`` when unreadable) and verdict."""
-    rows = []
-    for result in results:
-        prediction = result.prediction
-        rows.append({
-            "File": result.name,
-            "Class": prediction.top_class if prediction else "-",
-            "Confidence": round(prediction.confidence * 100, 1) if prediction else None,
-            "Verdict": VERDICT_LABELS[prediction.verdict if prediction else "error"],
-        })
-    return pd.DataFrame(rows, columns=["File", "Class", "Confidence", "Verdict"])
-
-
-def faithfulness_sentence(explanation: Explanation) -> tuple[float, str] | None:
-    """(score, one sentence on how to read it), or ``None`` when the explanation has no faithfulness.
-
-    The score is ``drop_top - drop_random`` in probability points: how much more hiding the hottest
-    20 % of the image hurts the explained class than hiding a random 20 %.
-    """
-    faith = explanation.faithfulness
-    if not faith or "drop_top" not in faith or "drop_random" not in faith:
-        return None
-    top, rand = float(faith["drop_top"]), float(faith["drop_random"])
-    probability = f"the model's probability of '{explanation.explained_class}'"
-    sentence = (f"Hiding the 20 % of the image that the map marks hottest {_change(top, probability)}; "
-                f"hiding a random 20 % {_change(rand, 'it')}. A faithful map scores clearly above zero (its "
-                f"hot region matters more than a random one); near zero or below, the map does not show "
-                f"what drives this prediction.")
-    return top - rand, sentence
-
-
-def _change(drop: float, what: str) -> str:
-    points = round(drop * 100)   # an int: never "-0"
-    if points == 0:
-        return f"barely changes {what}"
-    unit = "point" if abs(points) == 1 else "points"
-    return f"{'lowers' if points > 0 else 'raises'} {what} by {abs(points)} {unit}"
-
-
-def analysis_report(file_name: str, explanation: Explanation, card: dict, *, opacity: float) -> dict:
-    """The JSON report of one analysis: file name, model output, explanation and model identity.
-
-    Holds no DICOM header field and no pixel data: only the upload's name and what the model said.
-    """
-    prediction = explanation.prediction.to_dict()
-    prediction.pop("source", None)   # the upload name is reported once, as file_name
-    model_fields = ("checkpoint", "architecture", "weight_source", "created", "classes", "input_size",
-                    "temperature", "test_accuracy", "ece", "out_of_scope_check", "trained_with_version")
-    return {
-        "report": "MediScan analysis",
-        "not_for_clinical_use": NOT_FOR_CLINICAL_USE,
-        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "file_name": file_name,
-        "image_size": {"height": int(explanation.image.shape[0]), "width": int(explanation.image.shape[1])},
-        "prediction": prediction,
-        "explanation": {
-            "explained_class": explanation.explained_class,
-            "method": explanation.method,
-            "faithfulness": {k: round(float(v), 6) for k, v in explanation.faithfulness.items()},
-            "overlay_opacity": float(opacity),
-        },
-        "model": {name: card.get(name) for name in model_fields},
-        "software": {"mediscan": __version__},
-    }
-
-
-def file_stem(name: str) -> str:
-    """A safe base name for download files derived from the upload's name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._")
-    return stem or "image"
-
-
-def probability_text(p: float) -> str:
-    """``0.873`` -> ``"87.3%"``; never claims certainty that rounding made up (``">99.9%"``, ``"<0.1%"``)."""
-    p = float(p)
-    if 0.999 < p < 1.0 and f"{p:.1%}" == "100.0%":
-        return ">99.9%"
-    if 0.0 < p < 0.001 and f"{p:.1%}" == "0.0%":
-        return "<0.1%"
-    return f"{p:.1%}"
-
-
-def percent(value: Any) -> str:
-    """``0.973`` -> ``"97.3%"``; ``None`` -> ``"not measured"``."""
-    return "not measured" if value is None else f"{float(value):.1%}"
-
-
-def training_date(created: Any) -> str:
-    """The checkpoint's ``created`` timestamp as ``YYYY-MM-DD HH:MM UTC`` (raw text if unparsable)."""
-    if not created:
-        return "unknown"
-    try:
-        moment = _dt.datetime.fromisoformat(str(created))
-    except ValueError:
-        return str(created)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(_dt.timezone.utc)
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def chart_text_color() -> str:

@@ -5,10 +5,8 @@ Usage and examples are in that file's docstring and in ``--help``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 from mediscan.apps.exit_codes import EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_OK
@@ -44,6 +42,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     folder.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (default: 8 on the CPU, 16 on a GPU)")
     folder.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    folder.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --csv (and in the part files of an interrupted torchrun "
+                             "job) and do only the files not there yet")
+    folder.add_argument("--per-series", action="store_true",
+                        help="also summarise DICOM files per series (mean probabilities) into <csv>.series.csv")
+    folder.add_argument("--workers", type=int, default=None,
+                        help="threads decoding files ahead of the model (default: up to 4)")
     return parser
 
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.input.is_dir():
-            return run_folder(load_predictor(args), args)
+            return run_folder(args)
         image = decode(args)        # a bad image is reported before the (slow) model load
         return run_single(load_predictor(args), image, args)
     except CheckpointError as exc:                  # ModelNotFoundError included
@@ -142,12 +147,10 @@ def probability_table(probabilities: dict[str, float], top_class: str, width: in
 
 def save_figure(explanation, path: Path, alpha: float = 0.4) -> Path:
     """original | heatmap | overlay, titled with the class and confidence (Agg canvas, never a window)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mediscan.evaluation.figures import new_figure
 
     p = explanation.prediction
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)   # explicit Agg canvas: no pyplot, no GUI backend, safe in threads
+    fig = new_figure(figsize=(12, 4.4), layout="constrained")   # Agg canvas: no pyplot, no GUI backend
     axes = fig.subplots(1, 3)
     axes[0].imshow(explanation.image, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title(Path(p.source).name)
@@ -166,90 +169,61 @@ def save_figure(explanation, path: Path, alpha: float = 0.4) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# folder mode
+# folder mode (the runner is mediscan.inference.archive: streaming, --resume, torchrun shards)
 # --------------------------------------------------------------------------------------------------
 
-def find_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted), as the library recognises them."""
-    from mediscan.core.imaging import looks_like_image_file
-    return sorted(path for path in folder.rglob("*") if path.is_file() and looks_like_image_file(path))
+def run_folder(args) -> int:
+    """Batched predictions for every image under the folder -> CSV (+ overlays) and a summary.
+
+    Under ``torchrun`` every process takes its share of the files (one GPU each when there are GPUs) and
+    rank 0 merges the parts and prints the summary.
+    """
+    from mediscan.inference.archive import join_ranks, leave_ranks, rank_device
+
+    ranks = join_ranks()
+    try:
+        if args.device is None:
+            args.device = rank_device(ranks)
+        return _run_folder(load_predictor(args), args, ranks)
+    finally:
+        leave_ranks(ranks)
 
 
-def run_folder(predictor, args) -> int:
-    """Batched predictions for every image under the folder -> CSV (+ overlays) and a summary."""
+def _run_folder(predictor, args, ranks) -> int:
     from tqdm import tqdm
 
-    paths = find_images(args.input)
-    if not paths:
-        print(f"error: no image files under {args.input} (looked for PNG, JPEG, BMP, TIFF and DICOM, "
-              f"recursively).", file=sys.stderr)
+    from mediscan.inference.archive import ArchiveInputError, ArchiveJob, run_archive
+    from mediscan.inference.archive_csv import ResumeError
+
+    job = ArchiveJob(args.input, args.csv or Path(CSV_NAME), args.batch_size or predictor.batch_size,
+                     resume=args.resume, overlays=args.overlays, alpha=args.alpha, workers=args.workers)
+    hidden = args.no_progress or not ranks.is_main or None       # None: tqdm hides itself without a terminal
+    try:
+        with tqdm(unit="img", disable=hidden, file=sys.stderr) as bar:
+            outcome = run_archive(predictor, job, ranks, progress=bar.update, per_series=args.per_series)
+    except (ArchiveInputError, ResumeError) as exc:
+        if ranks.is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    csv_path = args.csv or Path(CSV_NAME)
-    with tqdm(total=len(paths), unit="img", disable=args.no_progress or None, file=sys.stderr) as bar:
-        if args.overlays is not None:
-            results = predictor.explain_many(paths, batch_size=args.batch_size, progress=bar.update)
-        else:
-            results = predictor.predict_many(paths, batch_size=args.batch_size, progress=bar.update)
-    rows = [result_row(path, result, args.input, predictor.classes) for path, result in zip(paths, results)]
-    write_csv(csv_path, rows, predictor.classes)
-    if args.overlays is not None:
-        write_overlays(paths, results, args.input, args.overlays, args.alpha)
-    print(folder_summary(rows, csv_path, args.overlays))
+    if outcome is not None:
+        print(folder_summary(outcome, args.overlays, predictor.classes))
     return EXIT_OK
 
 
-def result_row(path: Path, result, root: Path, classes) -> dict:
-    """One CSV row: path, class, confidence, one probability column per class, verdict, OOD score, error."""
-    from mediscan.core.imaging import ImageReadError
-    row = {"path": str(path.relative_to(root)), "class": "", "confidence": ""}
-    row.update({f"p_{name}": "" for name in classes})
-    row.update({"verdict": "", "ood_score": "", "error": ""})
-    if isinstance(result, ImageReadError):
-        row["verdict"], row["error"] = "error", str(result)
-        return row
-    prediction = getattr(result, "prediction", result)
-    row.update({"class": prediction.top_class, "confidence": f"{prediction.confidence:.4f}",
-                "verdict": prediction.verdict,
-                "ood_score": "" if prediction.ood_score is None else f"{prediction.ood_score:.3f}"})
-    row.update({f"p_{name}": f"{prob:.4f}" for name, prob in prediction.probabilities.items()})
-    return row
+def folder_summary(outcome, overlays: Path | None, classes) -> str:
+    """Counts per class and per verdict, the files that failed, and where the results are."""
+    from mediscan.inference.archive_csv import write_series_csv
 
-
-def write_csv(path: Path, rows: list[dict], classes) -> None:
-    fields = ["path", "class", "confidence", *(f"p_{name}" for name in classes), "verdict", "ood_score", "error"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_overlays(paths, results, root: Path, out_dir: Path, alpha: float) -> None:
-    """``out_dir/<relative path>.png`` overlay for every image that could be read."""
-    for path, result in zip(paths, results):
-        if hasattr(result, "overlay_png"):
-            target = out_dir / path.relative_to(root)
-            target = target.with_name(target.name + ".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(result.overlay_png(alpha))
-
-
-def folder_summary(rows: list[dict], csv_path: Path, overlays: Path | None) -> str:
-    """Counts per class and per verdict, and the files that failed."""
-    ok = [row for row in rows if not row["error"]]
-    errors = [row for row in rows if row["error"]]
-    lines = [f"{len(rows)} files: {len(ok)} predicted, {len(errors)} errors"]
-    if ok:
-        lines.append("per class:   " + ", ".join(f"{name} {count}" for name, count in
-                                                   sorted(Counter(r["class"] for r in ok).items())))
-        lines.append("per verdict: " + ", ".join(f"{name} {count}" for name, count in
-                                                   sorted(Counter(r["verdict"] for r in ok).items())))
-    for row in errors[:10]:
-        lines.append(f"  error: {row['error']}")
-    if len(errors) > 10:
-        lines.append(f"  ... and {len(errors) - 10} more errors (see the CSV)")
-    lines.append(f"results written to {csv_path}")
+    lines = outcome.summary.lines()
+    if outcome.resumed:
+        lines.append(f"resumed: {outcome.resumed} files were already in the CSV, {outcome.written} done now")
+    if outcome.duplicates:
+        lines.append(f"note: {outcome.duplicates} rows were in two part files and were written once")
+    lines.append(f"results written to {outcome.csv_path}")
+    if outcome.summary.series:
+        series_csv = outcome.csv_path.with_suffix(".series.csv")
+        write_series_csv(outcome.summary, series_csv, classes)
+        lines.append(f"{len(outcome.summary.series)} DICOM series summarised in {series_csv}")
     if overlays is not None:
         lines.append(f"overlays written to {overlays}")
     return "\n".join(lines)
-

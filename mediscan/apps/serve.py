@@ -4,8 +4,10 @@
     python app.py flask --port 8080 --threads 8 --checkpoint models/best.safetensors
     python app.py flask --dev                             # Flask's own server (debugger always off)
     MEDISCAN_API_KEY=secret python app.py flask --host 0.0.0.0
+    python app.py flask --connection-limit 200 --header-timeout 5 --batch-window-ms 0   # batching off
 
-Binds to 127.0.0.1 unless ``--host`` says otherwise. Starts even without a model: ``/health`` says so and
+The server is waitress behind the guards of :mod:`mediscan.apps.server` (limits decided before a body is
+read, bounded memory, timeouts, JSON at every status). Binds to 127.0.0.1 unless ``--host`` says otherwise. Starts even without a model: ``/health`` says so and
 predictions answer 503 with the training command. Not a medical device.
 """
 from __future__ import annotations
@@ -17,10 +19,7 @@ import sys
 
 from mediscan import NOT_FOR_CLINICAL_USE, __version__
 from mediscan.apps.api import DEFAULTS, create_app
-
-# Multipart framing around the image(s): bodies up to the app's limit plus this are buffered by waitress
-# in memory, so the app (not waitress) answers 413, as JSON.
-_FRAMING_SLACK = 1024 * 1024
+from mediscan.apps.server import Guard, make_server
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,6 +38,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="largest image accepted, in pixels (default: the Predictor's, 64,000,000)")
     p.add_argument("--max-batch-files", type=int, default=d["MAX_BATCH_FILES"],
                    help=f"most files per /v1/predict/batch request (default: {d['MAX_BATCH_FILES']})")
+    g = Guard(max_body=0)
+    p.add_argument("--connection-limit", type=int, default=g.connection_limit,
+                   help=f"most open client connections; more wait to be accepted (default: {g.connection_limit}). "
+                        f"Bodies being received take at most this x --max-content-mb of memory")
+    p.add_argument("--header-timeout", type=float, default=g.header_timeout,
+                   help=f"seconds a request head may take to arrive (default: {g.header_timeout:g})")
+    p.add_argument("--body-timeout", type=float, default=g.body_timeout,
+                   help=f"seconds a request body may take to arrive after its head (default: {g.body_timeout:g})")
+    p.add_argument("--idle-timeout", type=int, default=g.idle_timeout,
+                   help=f"seconds an idle keep-alive connection stays open (default: {g.idle_timeout})")
+    p.add_argument("--batch-window-ms", type=float, default=d["BATCH_WINDOW_MS"],
+                   help=f"concurrent /v1/predict requests arriving within this many ms share one forward pass "
+                        f"(default: {d['BATCH_WINDOW_MS']:g}; 0 = off)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most images per shared forward pass (default: 8 on the CPU, 16 on a GPU)")
     p.add_argument("--dev", action="store_true",
                    help="use Flask's development server instead of waitress (debugger and reloader stay off)")
     return p
@@ -52,27 +66,16 @@ def app_config(args: argparse.Namespace) -> dict:
         "MAX_CONTENT_LENGTH": int(args.max_content_mb * 2**20),
         "MAX_BATCH_FILES": args.max_batch_files,
         "MAX_PIXELS": args.max_pixels,
+        "BATCH_WINDOW_MS": args.batch_window_ms,
+        "MAX_BATCH": args.max_batch,
     }
 
 
-def waitress_options(args: argparse.Namespace, max_content_length: int) -> dict:
-    """waitress settings that keep uploads and answers in memory.
-
-    waitress spools request bodies over ``inbuf_overflow`` (512 kB by default) and responses over
-    ``outbuf_overflow`` (1 MB) to temporary files: images and overlays must never touch the disk, so
-    both thresholds sit above anything this server accepts or sends. Bodies over ``max_request_body_size``
-    are refused by waitress itself (plain-text 413) before the app sees them.
-    """
-    body_cap = max_content_length + _FRAMING_SLACK
-    return {
-        "host": args.host,
-        "port": args.port,
-        "threads": args.threads,
-        "max_request_body_size": body_cap,
-        "inbuf_overflow": body_cap,
-        "outbuf_overflow": 8 * body_cap,     # base64 overlays of big images are larger than the upload
-        "ident": f"MediScan/{__version__}",
-    }
+def guard_of(args: argparse.Namespace, app) -> Guard:
+    """The server layer's limits from the options and the app's config (body limit, API key)."""
+    return Guard(max_body=int(app.config["MAX_CONTENT_LENGTH"]), api_key=app.config.get("API_KEY"),
+                 header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                 idle_timeout=args.idle_timeout, connection_limit=args.connection_limit)
 
 
 def _url(host: str, port: int) -> str:
@@ -92,7 +95,9 @@ def _is_loopback(host: str) -> bool:
 def _banner(app, args: argparse.Namespace) -> list[str]:
     service = app.extensions["mediscan"]
     url = _url(args.host, args.port)
-    server = "Flask development server" if args.dev else f"waitress, {args.threads} threads"
+    batching = f"batching window {args.batch_window_ms:g} ms" if args.batch_window_ms else "no batching"
+    server = ("Flask development server" if args.dev else
+              f"waitress, {args.threads} threads, at most {args.connection_limit} connections, {batching}")
     lines = [f"MediScan API {__version__} on {url} ({server}) -- docs at {url}/openapi.json"]
     if service.predictor is not None:
         p = service.predictor
@@ -106,13 +111,27 @@ def _banner(app, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def _invalid(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, or ``None``."""
+    positive = {"--threads": args.threads, "--max-batch-files": args.max_batch_files,
+                "--max-content-mb": args.max_content_mb, "--connection-limit": args.connection_limit,
+                "--header-timeout": args.header_timeout, "--body-timeout": args.body_timeout,
+                "--idle-timeout": args.idle_timeout, "--max-pixels": args.max_pixels,
+                "--max-batch": args.max_batch}
+    bad = [name for name, value in positive.items() if value is not None and not value > 0]
+    if bad:
+        return f"{', '.join(bad)} must be positive"
+    if args.batch_window_ms < 0:
+        return "--batch-window-ms must be 0 (off) or positive"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, build the app (loading the model once) and serve until interrupted."""
     args = get_args_parser().parse_args(argv)
-    if (args.threads < 1 or args.max_batch_files < 1 or args.max_content_mb <= 0
-            or (args.max_pixels is not None and args.max_pixels < 1)):
-        print("error: --threads, --max-batch-files, --max-content-mb and --max-pixels must be positive",
-              file=sys.stderr)
+    problem = _invalid(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(app_config(args))
@@ -124,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             app.run(host=args.host, port=args.port, debug=False, use_reloader=False, use_debugger=False,
                     threaded=True)
         else:
-            import waitress
-            waitress.serve(app, **waitress_options(args, app.config["MAX_CONTENT_LENGTH"]))
+            make_server(app, guard_of(args, app), threads=args.threads, host=args.host, port=args.port,
+                        ident=f"MediScan/{__version__}").run()
     except KeyboardInterrupt:
         pass
     return 0

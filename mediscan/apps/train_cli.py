@@ -11,7 +11,7 @@ from mediscan.apps.exit_codes import EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_OK
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from mediscan.training.fit import TrainConfig
+    from mediscan.training.config import TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train (two stages) or evaluate the MediScan organ classifier.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     from mediscan.core.model import WeightsError
     try:
         if args.export_onnx:
-            from mediscan.inference.onnx_backend import export_onnx
+            from mediscan.inference.onnx_export import export_onnx
             done = export_onnx(args.export_onnx, args.onnx_out)
             print(f"onnx: {done.path} (checkpoint sha256 {done.checkpoint_sha256[:12]}..., max probability "
                   f"difference vs PyTorch {done.max_probability_difference:.1e})")
             return EXIT_OK
         if args.refit_ood:
-            from mediscan.training.refit import refit_ood
+            from mediscan.training.finalize import refit_ood
             target, _ = refit_ood(args.refit_ood, args.data, out=args.out, batch_size=args.batch_size,
                                   workers=args.workers, device=args.device, skip_bad=args.skip_bad)
             from mediscan.inference.onnx_backend import export_command, onnx_path_for
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                          workers=args.workers, device=args.device, skip_bad=args.skip_bad)
             print(f"report: {report}")
             return EXIT_OK
-        from mediscan.training.fit import TrainConfig, fit
+        from mediscan.training.config import TrainConfig
+        from mediscan.training.fit import fit
         options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
         config = TrainConfig(**options)
         result = fit(config)

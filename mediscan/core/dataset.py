@@ -1,8 +1,9 @@
-"""Dataset folders: scan, validate, decode once into tensors, augment batches.
+"""Dataset folders: scan and check them (:func:`scan_dataset`), decode a split once into tensors (:func:`load_split`).
 
 Layout: ``ROOT/{train,val,test}/<class>/<images>``. Class names are the folder names under ``train``
 (sorted). ``val`` is optional: without it a stratified, seeded share of ``train`` is held out.
 Everything is checked before training starts, and every problem is reported with the files involved.
+Training and evaluation both read datasets, so this sits in ``core``, below both.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mediscan.core.imaging import ImageReadError, looks_like_image_file, read_image
-from mediscan.core.preprocessing import crop_and_resize, scale_to_model_range
+from mediscan.core.preprocessing import preprocess
 
 SPLITS = ("train", "val", "test")
 
@@ -57,7 +57,11 @@ class DatasetSplits:
 
 @dataclass
 class TensorSplit:
-    """A split decoded once: model-ready images ``(N, 1, S, S)`` in [-1024, 1024] and labels ``(N,)``."""
+    """A split decoded once: model-ready images ``(N, 1, S, S)`` in [-1024, 1024] and labels ``(N,)``.
+
+    ``paths[i]`` is the file of ``images[i]``; ``colour_paths`` the subset that were colour pictures
+    (decoded to grayscale like the rest). Made by :func:`load_split`.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -78,39 +82,70 @@ def _files_in(folder: Path) -> list[Path]:
 
 def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 0, skip_bad: bool = False,
                  require_test: bool = True) -> DatasetSplits:
-    """List and check the dataset. Raises :class:`DatasetError` naming every problem found.
+    """List and check the dataset under ``root``; nothing is decoded (that is :func:`load_split`).
 
-    Checks: the folder and its splits exist, every split has the same classes, no class is empty, every
-    file is an image (by name; decoding is checked by :func:`load_split`). Exact duplicate files across
-    splits are reported in ``duplicates`` (they leak test answers into training).
+    Checks: the folder and its splits exist (``test`` only if ``require_test``), every split has the same
+    classes (at least two), no class is empty, every file is an image by its name. Raises
+    :class:`DatasetError` naming every problem found; with ``skip_bad`` files that are not images are left
+    out and listed in ``skipped`` instead. Without ``val/``, ``val_fraction`` of each training class is held
+    out (seeded by ``seed``). Exact duplicate files across splits are reported in ``duplicates`` (they leak
+    test answers into training); ``fingerprint`` identifies the files and their contents.
     """
     root = Path(root)
+    present = _present_splits(root, require_test)
+    classes = _checked_classes(present)
+    files, not_images = _image_files(present, classes, skip_bad)
+    val_from_train = "val" not in files
+    if val_from_train:
+        files["train"], files["val"] = stratified_split(files["train"], val_fraction, seed)
+    splits = DatasetSplits(root=root, classes=classes, train=files["train"], val=files["val"],
+                           test=files.get("test", []), val_from_train=val_from_train,
+                           skipped=not_images if skip_bad else [])
+    digests = {s.path: _file_digest(s.path) for name in SPLITS for s in splits.split(name)}
+    splits.duplicates = find_cross_split_duplicates(splits, digests)
+    splits.fingerprint = dataset_fingerprint(splits, digests)
+    return splits
+
+
+def _raise_if(problems: list[str], hint: str = "") -> None:
+    if problems:
+        raise DatasetError("Dataset problems:\n  - " + "\n  - ".join(problems) + hint)
+
+
+def _present_splits(root: Path, require_test: bool) -> dict[str, Path]:
+    """The split folders that exist, after checking the required ones do."""
     if not root.is_dir():
         raise DatasetError(f"Dataset folder {root} does not exist. Expected {root}/train/<class>/*.png "
                            f"(and test/, optionally val/), one sub-folder per class.")
-    problems: list[str] = []
     present = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    for required in ("train", "test") if require_test else ("train",):
-        if required not in present:
-            problems.append(f"missing split: {root / required}/ (create it with one sub-folder per class)")
-    if problems:
-        raise DatasetError("Dataset problems:\n  - " + "\n  - ".join(problems))
+    _raise_if([f"missing split: {root / required}/ (create it with one sub-folder per class)"
+               for required in (("train", "test") if require_test else ("train",)) if required not in present])
+    return present
 
+
+def _checked_classes(present: dict[str, Path]) -> list[str]:
+    """The class names (folders under train/), after checking every split has the same ones."""
     classes = _class_folders(present["train"])
     if len(classes) < 2:
         raise DatasetError(f"{present['train']} has {len(classes)} class folder(s) {classes}; "
                            f"need at least 2 (e.g. bone/ brain/ heart/ lungs/).")
-    for split, folder in present.items():
+    problems = []
+    for folder in present.values():
         theirs = _class_folders(folder)
         if theirs != classes:
             missing, extra = sorted(set(classes) - set(theirs)), sorted(set(theirs) - set(classes))
             problems.append(f"{folder}: classes differ from train/ (missing {missing or 'none'}, "
                             f"extra {extra or 'none'})")
-    if problems:
-        raise DatasetError("Dataset problems:\n  - " + "\n  - ".join(problems))
+    _raise_if(problems)
+    return classes
 
+
+def _image_files(present: dict[str, Path], classes: list[str],
+                 skip_bad: bool) -> tuple[dict[str, list[Sample]], list[str]]:
+    """The image files of every split and class, and "path: reason" of the files that are not images."""
     files: dict[str, list[Sample]] = {}
     not_images: list[str] = []
+    problems: list[str] = []
     for split, folder in present.items():
         files[split] = []
         for label, name in enumerate(classes):
@@ -124,20 +159,8 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 0,
             files[split] += [Sample(p, label) for p in images]
     if not_images and not skip_bad:
         problems += not_images
-    if problems:
-        hint = "\n(--skip-bad leaves out unreadable or non-image files and lists them)" if not_images else ""
-        raise DatasetError("Dataset problems:\n  - " + "\n  - ".join(problems) + hint)
-
-    val_from_train = "val" not in files
-    if val_from_train:
-        files["train"], files["val"] = stratified_split(files["train"], val_fraction, seed)
-    splits = DatasetSplits(root=root, classes=classes, train=files["train"], val=files["val"],
-                           test=files.get("test", []), val_from_train=val_from_train,
-                           skipped=not_images if skip_bad else [])
-    digests = {s.path: _file_digest(s.path) for name in SPLITS for s in splits.split(name)}
-    splits.duplicates = find_cross_split_duplicates(splits, digests)
-    splits.fingerprint = dataset_fingerprint(splits, digests)
-    return splits
+    _raise_if(problems, "\n(--skip-bad leaves out unreadable or non-image files and lists them)" if not_images else "")
+    return files, not_images
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -190,37 +213,35 @@ def dataset_fingerprint(splits: DatasetSplits, digests: dict[Path, str]) -> dict
 
 def load_split(samples: list[Sample], input_size: int, *, workers: int = 2, skip_bad: bool = False,
                progress=None) -> tuple[TensorSplit, list[str]]:
-    """Decode and preprocess every image once (in parallel threads).
+    """Decode and preprocess every image of ``samples`` once (``workers`` threads), in their order.
 
-    Returns the tensors and the "path: reason" list of files left out. Unreadable files raise
-    :class:`DatasetError` listing all of them, unless ``skip_bad``.
+    Each image goes through :func:`~mediscan.core.preprocessing.preprocess`, the transform the Predictor
+    applies. Returns the :class:`TensorSplit` and the "path: reason" list of files left out. Unreadable files
+    raise :class:`DatasetError` listing all of them, unless ``skip_bad``. ``progress`` (optional) gets
+    ``update(1)`` per file.
     """
     def decode(sample: Sample):
         try:
             decoded = read_image(sample.path)
         except ImageReadError as exc:
             return sample, None, False, str(exc)
-        return sample, crop_and_resize(decoded.pixels, input_size), decoded.is_colour, None
+        return sample, preprocess(decoded.pixels, input_size)[0], decoded.is_colour, None
 
-    kept, arrays, bad, colour = [], [], [], []
+    kept, tensors, bad, colour = [], [], [], []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for sample, array, is_colour, error in pool.map(decode, samples):
+        for sample, tensor, is_colour, error in pool.map(decode, samples):
             if progress is not None:
                 progress.update(1)
             if error:
                 bad.append(f"{sample.path}: {error}")
             else:
                 kept.append(sample)
-                arrays.append(array)
+                tensors.append(tensor)
                 if is_colour:
                     colour.append(sample.path)
     if bad and not skip_bad:
         raise DatasetError(f"{len(bad)} file(s) could not be read:\n  - " + "\n  - ".join(bad) +
                            "\n(--skip-bad leaves them out and lists them)")
-    if arrays:
-        stacked = np.clip(np.stack(arrays), 0.0, 1.0)
-        images = torch.from_numpy(scale_to_model_range(stacked)).unsqueeze(1).float()
-    else:
-        images = torch.empty(0, 1, input_size, input_size)
+    images = torch.stack(tensors) if tensors else torch.empty(0, 1, input_size, input_size)
     labels = torch.tensor([s.label for s in kept], dtype=torch.long)
     return TensorSplit(images, labels, [s.path for s in kept], colour), bad

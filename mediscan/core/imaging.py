@@ -18,17 +18,16 @@ Scaling to [0, 1] -- the rule every caller relies on:
   stored in 16 bits would otherwise look almost black. A constant image becomes all
   zeros (never NaN).
 
-DICOM is parsed from memory (uploads never touch the disk); multi-frame files give frame
-1 plus a warning, with frame 1's rescale and window when an enhanced file keeps them in
-functional groups; MONOCHROME1 is inverted so that bone is bright; a compressed transfer
-syntax without an installed decoder plugin is reported with the pip package to add.
+DICOM (Part-10 files, bare legacy datasets, compressed transfer syntaxes) is decoded by
+:mod:`mediscan.core.dicom_pixels`; the result types and shared helpers live in
+:mod:`mediscan.core.decoded` and are re-exported here.
 
 Colour is reduced to luminance (ITU-R 601-2, Pillow's "L" conversion). Alpha is
 composited onto black: a transparent pixel carries no signal, and black is the
 background of a radiograph.
 
-Privacy: nothing here logs or prints pixel data, and nothing but the DICOM Modality tag
-leaves this module -- no patient names, IDs or dates.
+Privacy: nothing here logs or prints pixel data, and nothing but the DICOM header summary
+(UIDs, Modality, body part, descriptions) leaves the decoders -- no patient names, IDs or dates.
 """
 from __future__ import annotations
 
@@ -36,25 +35,29 @@ import io
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
-except ImportError:  # pydicom 2.x (requirements allow >= 2.4)
-    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
-
-    get_decoder = pixel_array = None
+from mediscan.core.decoded import COLOUR_LIMIT, DecodedImage, ImageReadError, colourfulness
+from mediscan.core.decoded import COLOUR_SAMPLE_SIDE as _COLOUR_SAMPLE_SIDE
+from mediscan.core.decoded import RECOPY as _RECOPY
+from mediscan.core.decoded import check_size as _check_size
+from mediscan.core.decoded import clean_label as _clean_label
+from mediscan.core.decoded import fail as _fail
+from mediscan.core.decoded import finish as _finish
+from mediscan.core.decoded import short as _short
+from mediscan.core.decoded import stretch as _stretch
+from mediscan.core.dicom_pixels import decode_dicom, is_dicom
 
 __all__ = [
+    "COLOUR_LIMIT",
     "DEFAULT_MAX_PIXELS",
     "MIN_SIDE",
     "SUPPORTED_SUFFIXES",
     "DecodedImage",
     "ImageReadError",
+    "colourfulness",
     "looks_like_image_file",
     "read_image",
 ]
@@ -91,61 +94,8 @@ _KNOWN_OTHER_MAGIC = (
     (0, b"PK\x03\x04", "a ZIP archive"),
 )
 _REEXPORT = "Re-export or re-download the image."
-_RECOPY = "The transfer was probably cut off; copy the file again."
 # Serialises our temporary change of the (process-global) warnings filters; see _open_pil.
 _WARNINGS_LOCK = threading.Lock()
-
-
-class ImageReadError(ValueError):
-    """User-facing decoding error.
-
-    ``str(err)`` is a complete sentence naming the source, the problem and what to do.
-    Attributes: ``source`` (file name / label), ``reason`` (one of "missing", "empty",
-    "not_image", "truncated", "too_large", "too_small", "no_pixel_data", "unsupported",
-    "corrupt") and ``hint`` (what to do).
-
-    The message is the only positional argument, so the error survives pickling and
-    torch's DataLoader worker re-raise (which calls ``type(err)(message)``).
-    """
-
-    def __init__(self, message: str, *, source: str = "<input>", reason: str = "corrupt", hint: str = ""):
-        super().__init__(message)
-        self.source = source
-        self.reason = reason
-        self.hint = hint
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """A decoded image: float32 (H, W) grayscale in [0, 1], C-contiguous."""
-
-    pixels: np.ndarray
-    source: str
-    format: str  # "PNG", "JPEG", "TIFF", "BMP", "DICOM"
-    bit_depth: int  # 8, 16 or 32
-    warnings: tuple[str, ...] = ()
-    modality: str | None = None  # DICOM Modality (e.g. "CR"); never any patient field
-    colourfulness: float = 0.0  # of the colour image before grayscale conversion (0 for grayscale files)
-
-    @property
-    def is_colour(self) -> bool:
-        """A colour picture (colourfulness above :data:`COLOUR_LIMIT`), which no radiograph is."""
-        return self.colourfulness > COLOUR_LIMIT
-
-
-def _fail(source: str, reason: str, problem: str, hint: str) -> ImageReadError:
-    return ImageReadError(f"Cannot read image '{source}': {problem}. {hint}", source=source, reason=reason, hint=hint)
-
-
-def _clean_label(text: str) -> str:
-    # Upload names come from clients: keep messages one printable line of sane length.
-    text = "".join(c if c.isprintable() else "?" for c in str(text))
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _short(exc: BaseException) -> str:
-    msg = _clean_label(str(exc) or type(exc).__name__)
-    return f"{type(exc).__name__}: {msg}"
 
 
 # ----------------------------------------------------------------------------- public API
@@ -195,8 +145,8 @@ def read_image(
     if not data:
         raise _fail(label, "empty", "it is empty (0 bytes)",
                     "Upload or select the file again; it may not have been saved completely.")
-    if _is_dicom(data):
-        return _decode_dicom(data, label, max_pixels, min_side)
+    if is_dicom(data):
+        return decode_dicom(data, label, max_pixels, min_side)
     return _decode_pil(data, label, max_pixels, min_side)
 
 
@@ -241,59 +191,6 @@ def _read_source(source, name: str | None) -> tuple[bytes, str]:
             raise TypeError(f"{label}: file object is open in text mode; open it with 'rb'")
         return bytes(data or b""), label
     raise TypeError(f"read_image() needs a path, bytes or a binary file object, not {type(source).__name__}")
-
-
-def _check_size(label: str, width: int, height: int, max_pixels: int, min_side: int) -> None:
-    """Reject bombs and thumbnails from the header size, before decoding pixels."""
-    if width * height > max_pixels:
-        raise _fail(label, "too_large",
-                    f"it is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}",
-                    "Downscale the image (or raise max_pixels if it is genuine).")
-    if min(width, height) < min_side:
-        raise _fail(label, "too_small",
-                    f"it is only {width}x{height} pixels; each side must be at least {min_side}",
-                    "Use the full-resolution image, not a thumbnail or icon.")
-
-
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Min-max stretch to float32 [0, 1]; a constant image gives zeros."""
-    arr = arr.astype(np.float64, copy=False)
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, np.float32)
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def _finish(pixels: np.ndarray, label: str, fmt: str, bits: int, notes: list[str], modality=None,
-            colourfulness: float = 0.0) -> DecodedImage:
-    if pixels.ndim != 2:
-        raise _fail(label, "unsupported", f"decoding gave an array of shape {pixels.shape}, not a 2-D image",
-                    "Export the image as a single-frame grayscale PNG.")
-    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), label, fmt, bits, tuple(notes), modality,
-                        colourfulness)
-
-
-# Colour is kept as a measurement, not as pixels: radiographs are grayscale, so a colourful upload (a photo,
-# a stained slide) is strong evidence that the image is out of scope whatever the classifier says.
-# Colourfulness is a global statistic, so every k-th pixel estimates it: a nearest-neighbour subsample
-# keeps pixel values as they are (a box-filtered thumbnail would average colour noise away) and costs ~4 ms
-# on a 9-megapixel photo instead of ~50.
-_COLOUR_SAMPLE_SIDE = 256
-#: Colourfulness above which an image counts as a colour picture. Gray pixels score 0 and JPEG chroma noise on
-#: a gray image stays near 0.01; ordinary colour photos score 0.15 and more. 0.1 leaves room for a faint tint
-#: (a scanned film) and for small coloured annotations.
-COLOUR_LIMIT = 0.1
-
-
-def colourfulness(rgb: np.ndarray) -> float:
-    """Hasler and Suesstrunk's colourfulness of an (H, W, 3) RGB array in [0, 1]: 0 for gray pixels
-    (R = G = B), about 0.06 for a slightly coloured photo, 0.15 and above for an ordinary colour photo."""
-    rgb = np.asarray(rgb, dtype=np.float32)
-    red_green = rgb[..., 0] - rgb[..., 1]
-    yellow_blue = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
-    spread = np.hypot(red_green.std(), yellow_blue.std())
-    mean = np.hypot(red_green.mean(), yellow_blue.mean())
-    return float(spread + 0.3 * mean)
 
 
 def _pil_colourfulness(im: Image.Image) -> float:
@@ -425,133 +322,3 @@ def _pil_to_gray(im: Image.Image, label: str) -> tuple[np.ndarray, int]:
             raise _fail(label, "unsupported", f"its pixel mode {im.mode!r} cannot be converted to grayscale",
                         "Re-save it as an 8- or 16-bit grayscale or RGB image.") from None
     return np.asarray(im, dtype=np.float32) / 255.0, 8
-
-
-# ----------------------------------------------------------------------------- DICOM
-
-
-def _is_dicom(data: bytes) -> bool:
-    # Part-10 files carry "DICM" after a 128-byte preamble (which may itself be a TIFF
-    # header in dual-personality files, so this check comes before Pillow's).
-    return data[128:132] == b"DICM"
-
-
-def _decoder_packages(uid: str) -> str:
-    """The pip command that adds a decoder for this transfer syntax (for the hint)."""
-    if uid.startswith("1.2.840.10008.1.2.4.9") or uid.startswith("1.2.840.10008.1.2.4.20"):
-        return "pip install pylibjpeg pylibjpeg-openjpeg (or pip install python-gdcm)"
-    if uid == "1.2.840.10008.1.2.5":
-        return "pip install pylibjpeg pylibjpeg-rle"
-    return "pip install pylibjpeg pylibjpeg-libjpeg (or pip install python-gdcm)"
-
-
-def _decoder_missing(ts) -> bool:
-    """True when ``ts`` is compressed and no installed pydicom plugin can decode it."""
-    if ts is None:
-        return False
-    try:
-        if not ts.is_compressed:
-            return False
-    except ValueError:  # not a transfer syntax pydicom knows (private or damaged UID)
-        return True
-    if get_decoder is None:  # pydicom 2.x
-        handlers = pydicom.config.pixel_data_handlers
-        return not any(h.is_available() and h.supports_transfer_syntax(ts) for h in handlers)
-    try:
-        return not get_decoder(ts).is_available
-    except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
-        return True
-
-
-def _decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> DecodedImage:
-    export = "export the image as PNG or uncompressed DICOM"
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))  # from memory: uploads never touch the disk
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise _fail(label, "no_pixel_data",
-                        "the DICOM file has no pixel data (it is a report or other non-image object, or it is cut off)",
-                        "Choose the DICOM image file of the study.")
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if _decoder_missing(ts):
-            raise _fail(label, "unsupported",
-                        f"its transfer syntax '{_clean_label(ts.name)}' ({_clean_label(ts)}) needs a decoder plugin "
-                        "that is not installed",
-                        f"Run '{_decoder_packages(str(ts))}', or {export}.")
-        if "Rows" not in ds or "Columns" not in ds:
-            raise _fail(label, "corrupt", "the DICOM header has no image size (Rows/Columns)",
-                        f"Check the file in a DICOM viewer, or {export}.")
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        _check_size(label, cols, rows, max_pixels, min_side)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-        modality = _clean_label(ds.get("Modality", "") or "").strip() or None
-        arr = _first_frame(ds, frames)
-        colour = 0.0
-        colour_bits = int(ds.get("BitsStored", 8) or 8)  # full scale of the RGB values below
-        if photometric == "PALETTE COLOR":
-            arr = apply_color_lut(arr, ds)
-            samples = 3
-            # The RGB values now come from the lookup table, whose entry size (8 or 16 bits) is the third
-            # number of its descriptor; BitsStored describes the palette indices.
-            colour_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        if samples == 1:
-            _lift_frame_functional_groups(ds)
-            arr = apply_modality_lut(arr, ds)  # stored values -> e.g. Hounsfield units
-            arr = apply_voi_lut(arr, ds, index=0)  # VOI LUT, else WindowCenter/Width
-            if photometric == "MONOCHROME1":
-                arr = -arr.astype(np.float64)  # MONOCHROME1: low = white; flip so bone is bright
-        else:  # RGB (pydicom >= 3 has already converted YBR to RGB)
-            rgb = arr[..., :3].astype(np.float64)
-            step = max(1, max(rows, cols) // _COLOUR_SAMPLE_SIDE)
-            colour = colourfulness(rgb[::step, ::step] / float(2 ** colour_bits - 1))
-            arr = rgb @ np.array([0.299, 0.587, 0.114])
-        pixels = _stretch(arr)
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        text = str(exc).lower()
-        if isinstance(exc, EOFError) or any(s in text for s in ("truncat", "less than expected", "shorter than")):
-            raise _fail(label, "truncated", f"the DICOM file ends too early ({_short(exc)})", _RECOPY) from None
-        raise _fail(label, "corrupt", f"the DICOM data cannot be decoded ({_short(exc)})",
-                    f"Check the file in a DICOM viewer, or {export}.") from None
-    notes = [f"multi-frame DICOM: using frame 1 of {frames}"] if frames > 1 else []
-    return _finish(pixels, label, "DICOM", 8 if bits <= 8 else 16 if bits <= 16 else 32, notes, modality,
-                   colourfulness=colour)
-
-
-#: Enhanced multi-frame DICOM (enhanced CT / MR / XA ...) keeps the rescale and window of each frame in
-#: functional-group macros, not at the top level where pydicom's LUT functions look for them.
-_FRAME_MACROS = {
-    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
-}
-
-
-def _lift_frame_functional_groups(ds) -> None:
-    """Copy frame 1's rescale and window from an enhanced DICOM's functional groups to the top level of
-    ``ds`` (our own parsed copy), so that they are applied like a classic DICOM's. The per-frame group
-    overrides the shared one, as the standard says; classic files have neither and are left alone."""
-    groups = [seq[0] for seq in (ds.get("PerFrameFunctionalGroupsSequence"),
-                                 ds.get("SharedFunctionalGroupsSequence")) if seq]
-    for macro, keywords in _FRAME_MACROS.items():
-        item = next((group.get(macro)[0] for group in groups if group.get(macro)), None)
-        if item is None:
-            continue
-        for keyword in keywords:
-            if keyword in item:
-                setattr(ds, keyword, item[keyword].value)
-
-
-def _first_frame(ds, frames: int) -> np.ndarray:
-    """Decoded pixels of frame 1 (RGB for colour data)."""
-    if pixel_array is not None:  # pydicom >= 3 decodes only the frame asked for
-        return pixel_array(ds, index=0 if frames > 1 else None)
-    arr = ds.pixel_array  # pydicom 2.x: decodes every frame, and leaves YBR as it is
-    if frames > 1:
-        arr = arr[0]
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric.startswith("YBR_FULL"):
-        arr = convert_color_space(arr, photometric, "RGB")
-    return arr

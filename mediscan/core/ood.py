@@ -20,23 +20,13 @@ Why more than the last layer (Lee et al. also combine layers): the final 1024-d 
 classifier needs to tell organs apart, and a model trained on a thousand radiographs maps much of what
 it has never seen (a grayscale photo, a micrograph, a page of text) somewhere among them. An early
 stage (``denseblock1``, 256 channels: local texture, edges, grain and noise) tells "not a radiograph"
-apart far better. ``bench/ood_benchmark.py`` on a checkpoint trained for 1 + 1 epochs from random
-weights: the final layer alone flagged 66 % of its out-of-scope images, ``denseblock1`` alone 83 %,
-the two together 85 % (92 % with the colour check), each at 4.8 % of the validation images. The
-layers were chosen on that checkpoint; on a second one, trained for 2 + 3 epochs (test accuracy
-0.94), the final layer alone flagged 70 % and the two together 81 % (78 % -> 90 % with the colour
-check). Adding denseblock2 and denseblock3 did not help (each layer spends part of the 5 % false-alarm
-budget), nor did Gram-matrix deviations (Sastry & Oore 2020) of any stage, nor perturbing the input
-against the score's gradient (Lee et al.'s input preprocessing). Three checkpoints trained on a GPU
-with the default schedule (test accuracy 0.97-0.98) flag 83-90 % with the colour check.
+apart far better, and the two together flag more than either alone. Adding denseblock2 and denseblock3
+did not help (each layer spends part of the 5 % false-alarm budget), nor did Gram-matrix deviations
+(Sastry & Oore 2020) of any stage, nor perturbing the input against the score's gradient (Lee et al.'s
+input preprocessing). The measurements behind this choice (``bench/ood_benchmark.py``) are in
+docs/benchmarks.md, "Out-of-scope detector: which layers".
 
-Why shrinkage: with up to 1024 feature dimensions and about a thousand training images the sample
-covariance is singular or nearly so (rank <= n - classes, and ReLU features have dead dimensions
-that are exactly zero everywhere), so its inverse does not exist or amplifies noise in directions
-the data never varied in. We shrink it toward a scaled identity,
-``(1 - a) S + a (trace(S) / d) I``, with the Ledoit-Wolf (2004) choice of ``a`` that minimises the
-expected squared error of the estimate -- no tuning, and always invertible. A fixed ``a`` can be
-passed instead (``shrinkage=0.1``).
+The covariance is shrunk so that it is always invertible (:mod:`mediscan.core.mahalanobis` says why).
 
 Threshold rule: an image is flagged when its score is strictly above ``threshold``, which lies halfway
 between the ``percentile``-th percentile (default 95) of the (combined) scores of held-out
@@ -59,6 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mediscan.core.mahalanobis import MahalanobisLayer, fit_statistics, ledoit_wolf_shrinkage
+
 __all__ = ["OODDetector", "MahalanobisLayer", "fit_ood", "ledoit_wolf_shrinkage", "DEFAULT_LAYERS",
            "FINAL_LAYER", "DEFAULT_PERCENTILE", "PREFIX"]
 
@@ -73,60 +65,6 @@ FINAL_LAYER = "norm5"
 DEFAULT_LAYERS = ("denseblock1", FINAL_LAYER)
 
 Features = "torch.Tensor | Mapping[str, torch.Tensor]"
-
-
-@dataclass
-class MahalanobisLayer:
-    """One layer's statistics: class means, tied precision, and the scale that relates it to other layers.
-
-    Attributes:
-        means: ``(C, D)`` class means of the training features (float32).
-        precision: ``(D, D)`` inverse of the shrunk tied covariance (float32).
-        shrinkage: the covariance shrinkage weight ``a`` in [0, 1] that was used.
-        scale: the detector divides this layer's distances by it (its held-out percentile distance).
-    """
-
-    means: torch.Tensor
-    precision: torch.Tensor
-    shrinkage: float = 0.0
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.means = self.means.detach().to("cpu", torch.float32).contiguous()
-        self.precision = self.precision.detach().to("cpu", torch.float32).contiguous()
-        c, d = self.means.shape
-        if self.precision.shape != (d, d):
-            raise ValueError(f"precision must be ({d}, {d}) for {d}-d means, got {tuple(self.precision.shape)}")
-        self.scale = float(self.scale)
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"layer scale must be a positive number, got {self.scale!r}")
-        # Scoring expands (x - mu)^T P (x - mu) = x^T P x - 2 x^T P mu + mu^T P mu, in float64:
-        # the expansion subtracts large numbers, which float32 would round badly.
-        p64 = self.precision.double()
-        self._p64 = p64
-        self._p_means = self.means.double() @ p64                       # (C, D)
-        self._mean_terms = (self._p_means * self.means.double()).sum(1)  # (C,)
-
-    @property
-    def dim(self) -> int:
-        return int(self.means.shape[1])
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.means.shape[0])
-
-    def class_distances(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` float64 Mahalanobis distance of each row of ``pooled`` (B, D) to each class mean."""
-        x = torch.as_tensor(pooled).detach().to("cpu", torch.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected pooled features of shape (B, {self.dim}), got {tuple(x.shape)}")
-        xp = x @ self._p64
-        squared = (xp * x).sum(1, keepdim=True) - 2.0 * x @ self._p_means.T + self._mean_terms
-        return squared.clamp_min(0.0).sqrt()
-
-    def distance(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` float64 distance to the nearest class mean (not yet divided by :attr:`scale`)."""
-        return self.class_distances(pooled).min(dim=1).values
 
 
 @dataclass
@@ -186,14 +124,18 @@ class OODDetector:
 
     def is_out_of_scope(self, features: Features) -> torch.Tensor:
         """``(B,)`` bool: score strictly above :attr:`threshold`."""
-        return self.score(features) > self.threshold
+        return self.flag(self.score(features))
 
-    def describe(self) -> str:
-        """One line for people: which layers, which rule."""
+    def flag(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool for scores from :meth:`score`: strictly above :attr:`threshold` (the one comparison)."""
+        return torch.as_tensor(scores) > self.threshold
+
+    def rule(self) -> str:
+        """How this detector decides, in one sentence for people (the model card; ``meta["ood"]["rule"]``)."""
         held_out = "validation" if self.threshold_from == "validation" else "held-out training"
-        return (f"Mahalanobis distance to the nearest class mean on {len(self.layers)} backbone layer"
-                f"{'s' if len(self.layers) > 1 else ''} ({', '.join(self.layers)}); out of scope when the "
-                f"score exceeds the {self.percentile:g}th percentile of {held_out} images ({self.threshold:.3g})")
+        return (f"Images whose features lie further from the training images than {self.percentile:g}% of "
+                f"{held_out} images (Mahalanobis score on {', '.join(self.layer_names)} > "
+                f"{self.threshold:.3g}) are reported as out of scope.")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The statistics as checkpoint extra tensors (``ood.<layer>.means``, ``ood.<layer>.precision``)."""
@@ -213,9 +155,7 @@ class OODDetector:
             "threshold": float(self.threshold),
             "percentile": float(self.percentile),
             "threshold_from": self.threshold_from,
-            "rule": (f"out of scope when the largest per-layer Mahalanobis distance to the nearest class mean, "
-                     f"each divided by its layer's {self.percentile:g}th percentile of held-out distances, "
-                     f"exceeds the {self.percentile:g}th percentile of held-out in-distribution scores"),
+            "rule": self.rule(),   # descriptive only: from_checkpoint never reads it
             "n_train": int(self.n_train),
             "n_val": int(self.n_val),
             "n_classes": self.n_classes,
@@ -275,59 +215,6 @@ class OODDetector:
 # Fitting
 # --------------------------------------------------------------------------------------------------
 
-def ledoit_wolf_shrinkage(residuals: torch.Tensor) -> float:
-    """Ledoit-Wolf (2004) optimal weight ``a`` for ``(1 - a) S + a mu I`` from centred data ``(n, d)``.
-
-    ``S = X^T X / n``, ``mu = trace(S) / d``. ``a = min(b2, d2) / d2`` with ``d2 = ||S - mu I||^2``
-    (how far S is from a scaled identity) and ``b2`` the estimated variance of S's entries (how much
-    of that distance is sampling noise), both per dimension (Frobenius norm / d).
-    """
-    x = residuals.to(torch.float64)
-    n, d = x.shape
-    if n < 2:
-        return 1.0
-    s = x.T @ x / n
-    mu = torch.trace(s) / d
-    d2 = ((s - mu * torch.eye(d, dtype=x.dtype)) ** 2).sum() / d
-    # b2 = (1/n^2) sum_k ||x_k x_k^T - S||^2 / d, expanded to avoid n outer products:
-    #    = (sum_k ||x_k||^4 / n - ||S||^2) / (n d)
-    row_sq = (x ** 2).sum(1)                                  # ||x_k||^2
-    b2_bar = ((row_sq ** 2).sum() / n - (s ** 2).sum()) / (n * d)
-    b2 = torch.minimum(b2_bar.clamp_min(0.0), d2)
-    if float(d2) <= 0.0:
-        return 1.0
-    return float(b2 / d2)
-
-
-def _class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    means = torch.zeros(n_classes, features.shape[1], dtype=torch.float64)
-    for c in range(n_classes):
-        rows = features[labels == c]
-        if len(rows) == 0:
-            raise ValueError(f"class {c} has no training features; every class needs at least one")
-        means[c] = rows.mean(0)
-    return means
-
-
-def _fit_statistics(features: torch.Tensor, labels: torch.Tensor, n_classes: int,
-                    shrinkage: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Class means, precision of the shrunk tied covariance, and the shrinkage used."""
-    means = _class_means(features, labels, n_classes)
-    residuals = features - means[labels]
-    d = features.shape[1]
-    cov = residuals.T @ residuals / max(len(features), 1)
-    a = ledoit_wolf_shrinkage(residuals) if shrinkage is None else float(shrinkage)
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"shrinkage must be in [0, 1], got {a}")
-    mu = float(torch.trace(cov)) / d
-    # The floor keeps the matrix invertible when every feature is constant (mu = 0, e.g. dead units).
-    target = max(mu, 1e-8)
-    shrunk = (1.0 - a) * cov + a * target * torch.eye(d, dtype=torch.float64)
-    shrunk += 1e-9 * target * torch.eye(d, dtype=torch.float64)
-    precision = torch.linalg.inv(0.5 * (shrunk + shrunk.T))
-    return means, 0.5 * (precision + precision.T), a
-
-
 def _percentile(scores: torch.Tensor, percentile: float) -> float:
     """The ``percentile``-th percentile of ``scores``, rounded up to an observed score.
 
@@ -343,9 +230,9 @@ def _threshold(scores: torch.Tensor, percentile: float) -> float:
 
     Why not the percentile itself: that is one image's own score, and an image *on* the threshold is
     flagged by the slightest rounding difference between how training computed its features and how
-    the Predictor does (GPU TF32 convolutions, another batch size or memory layout, ONNX Runtime). A
-    checkpoint trained on a GPU flagged 10 of its 186 validation images (5.4 %) that way, not 9.
-    Halfway leaves the widest margin on both sides."""
+    the Predictor does (GPU TF32 convolutions, another batch size or memory layout, ONNX Runtime); this
+    was seen on a GPU-trained checkpoint (docs/benchmarks.md). Halfway leaves the widest margin on both
+    sides."""
     scores = scores.double()
     kept = _percentile(scores, percentile)
     above = scores[scores > kept]
@@ -366,7 +253,7 @@ def _cross_fit_distances(features, labels, n_classes, shrinkage, folds: int) -> 
         if any(int((labels[keep] == c).sum()) == 0 for c in range(n_classes)):
             raise ValueError("too few training features per class to cross-fit the out-of-scope threshold; "
                              "pass validation features")
-        means, precision, _ = _fit_statistics(features[keep], labels[keep], n_classes, shrinkage)
+        means, precision, _ = fit_statistics(features[keep], labels[keep], n_classes, shrinkage)
         distances[held] = MahalanobisLayer(means, precision).distance(features[held])
     return distances
 
@@ -387,6 +274,29 @@ def _as_layers(features: Features, what: str) -> dict[str, torch.Tensor]:
     return layers
 
 
+def _training_inputs(features: Features, labels, n_classes: int | None):
+    """Checked ``({layer: (N, D) float64}, (N,) long labels, number of classes)``."""
+    train = _as_layers(features, "training")
+    labels = torch.as_tensor(labels).detach().to("cpu", torch.long).flatten()
+    if any(len(value) != len(labels) for value in train.values()):
+        raise ValueError(f"need N features per layer for N = {len(labels)} labels, got "
+                         f"{ {name: len(value) for name, value in train.items()} }")
+    n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise ValueError(f"labels must be in [0, {n_classes})")
+    return train, labels, n_classes
+
+
+def _validation_inputs(features: Features, train: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Checked validation features on the same layers as ``train``; ``None`` when there are no rows."""
+    val = _as_layers(features, "validation")
+    if set(val) != set(train):
+        raise ValueError(f"validation features have layers {sorted(val)}, training features {sorted(train)}")
+    if len({len(value) for value in val.values()}) != 1:
+        raise ValueError("validation features need the same number of rows on every layer")
+    return None if len(next(iter(val.values()))) == 0 else val
+
+
 def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: Features | None = None,
             *, percentile: float = DEFAULT_PERCENTILE, shrinkage: float | None = None,
             n_classes: int | None = None) -> OODDetector:
@@ -403,30 +313,14 @@ def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: 
         shrinkage: covariance shrinkage weight in [0, 1]; ``None`` = Ledoit-Wolf, per layer.
         n_classes: number of classes (default ``max(label) + 1``); every class needs features.
     """
-    train = _as_layers(train_features, "training")
-    labels = torch.as_tensor(train_labels).detach().to("cpu", torch.long).flatten()
-    n_train = len(labels)
-    if any(len(value) != n_train for value in train.values()):
-        raise ValueError(f"need N features per layer for N = {n_train} labels, got "
-                         f"{ {name: len(value) for name, value in train.items()} }")
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
-    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-        raise ValueError(f"labels must be in [0, {n_classes})")
-    val = None
-    if val_features is not None:
-        val = _as_layers(val_features, "validation")
-        if set(val) != set(train):
-            raise ValueError(f"validation features have layers {sorted(val)}, training features {sorted(train)}")
-        if len({len(value) for value in val.values()}) != 1:
-            raise ValueError("validation features need the same number of rows on every layer")
-        if len(next(iter(val.values()))) == 0:
-            val = None
-
+    train, labels, n_classes = _training_inputs(train_features, train_labels, n_classes)
+    val = None if val_features is None else _validation_inputs(val_features, train)
+    n_train = len(labels)
     layers, held_relative = {}, []
     for name, features in train.items():
-        means, precision, used = _fit_statistics(features, labels, n_classes, shrinkage)
+        means, precision, used = fit_statistics(features, labels, n_classes, shrinkage)
         layer = MahalanobisLayer(means, precision, shrinkage=used)
         if val is not None:
             held = layer.distance(val[name])

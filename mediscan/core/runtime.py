@@ -12,27 +12,30 @@ import torch
 from mediscan.core.model import OrganClassifier
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if name != "auto":
+def select_device(name: str | torch.device | None = "auto", *, mps: bool = True) -> torch.device:
+    """The one device chooser. ``"auto"`` (or ``None``) picks cuda, then mps (unless ``mps=False``), then cpu;
+    any other name is that device, refused with a clear message when it is CUDA and there is none."""
+    if name is not None and str(name) != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if mps and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
 def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when ``enabled``; elsewhere (and when not) plain fp32."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
 def to_memory_format(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``images`` in the memory layout that is fastest on ``device`` (channels-last on CUDA)."""
     # channels-last lets cuDNN pick its fastest convolution kernels for bf16 on recent GPUs.
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 

@@ -156,3 +156,50 @@ def dicom_bytes(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2", 
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def dicom_study(n_series: int = 1, per_series: int = 3, *, size: int = 64, body_part: str | None = "CHEST",
+                modality: str = "CR", seed: int = 0, study_uid: str | None = None) -> list:
+    """A study of ``n_series`` x ``per_series`` CR (or SC) instances as pydicom datasets (Part-10 ready,
+    Explicit VR Little Endian, 16-bit pattern images of class ``k % 4`` for series ``k``), with the Type 2
+    patient/study attributes filled (fake patient: :data:`FAKE_PATIENT`) and ``BodyPartExamined`` when
+    given. Used by the DICOM node's tests and benchmark."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import (
+        ComputedRadiographyImageStorage,
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    sop_class = ComputedRadiographyImageStorage if modality == "CR" else SecondaryCaptureImageStorage
+    out = []
+    for k in range(n_series):
+        series_uid = generate_uid()
+        for i in range(per_series):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+            ds.PatientName, ds.PatientID = FAKE_PATIENT["patient_name"], FAKE_PATIENT["patient_id"]
+            ds.PatientBirthDate, ds.PatientSex = FAKE_PATIENT["patient_birth_date"], "F"
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
+            ds.ReferringPhysicianName, ds.Manufacturer, ds.Modality = "", "Synthetic", modality
+            ds.SeriesNumber, ds.InstanceNumber = k + 1, i + 1
+            ds.PatientOrientation, ds.ViewPosition, ds.Laterality = "", "", ""
+            if modality != "CR":
+                ds.ConversionType = "WSD"
+            if body_part:
+                ds.BodyPartExamined = body_part
+                del ds.Laterality  # General Series Laterality: only for paired body parts
+            pixels = pattern_image(k % 4, size, rng).astype(np.uint16) * 16
+            ds.Rows, ds.Columns = pixels.shape
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = pixels.tobytes()
+            out.append(ds)
+    return out

@@ -9,15 +9,13 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers / CI; must precede the pyplot import
 import numpy as np
 import torch
-from matplotlib import pyplot as plt
 
 import grad_cam
 from mediscan.core.preprocessing import preprocess, scale_to_unit_range
+from mediscan.core.runtime import predict_split
+from mediscan.evaluation.figures import new_figure
 from mediscan.explain.overlays import overlay
 
 #: Tile size in pixels (the PNG is ``columns * TILE_WIDTH_PX`` by ``rows * TILE_HEIGHT_PX``).
@@ -63,46 +61,39 @@ def save_gradcam_gallery(model: torch.nn.Module, samples: Sequence[tuple[np.ndar
     """
     if not samples:
         raise ValueError("no samples to draw")
-    path = Path(path)
     inputs = torch.stack([preprocess(np.asarray(pixels, dtype=np.float32), input_size)[0]
                           for pixels, _, _ in samples])
     true_indices = [int(true) for _, true, _ in samples]
-
     # Pass 1: predictions only, to choose which items to show.
     device = next(model.parameters()).device
-    predicted: list[int] = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), _BATCH):
-            predicted += model(inputs[start:start + _BATCH].to(device)).argmax(dim=1).tolist()
-    chosen = select_items(true_indices, predicted, max_items)
-
+    logits, _ = predict_split(model, inputs, _BATCH, device)
+    chosen = select_items(true_indices, logits.argmax(dim=1).tolist(), max_items)
     # Pass 2: prediction + heatmap of the predicted class for the chosen items (fast path, one forward).
     results = [grad_cam.grad_cam(model, inputs[chosen[i:i + _BATCH]]) for i in range(0, len(chosen), _BATCH)]
-    logits = torch.cat([r.logits for r in results])
-    cams = torch.cat([r.cams for r in results]).numpy()
-    probabilities = torch.softmax(logits, dim=1)
-    predicted_chosen = logits.argmax(dim=1).tolist()
+    tiles = [(inputs[index, 0].numpy(), samples[index][2], true_indices[index]) for index in chosen]
+    return _draw(tiles, torch.cat([r.logits for r in results]), torch.cat([r.cams for r in results]).numpy(),
+                 classes, Path(path))
 
-    columns = min(MAX_COLUMNS, len(chosen))
-    rows = math.ceil(len(chosen) / columns)
-    figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI,
-                                figsize=(columns * TILE_WIDTH_PX / DPI, rows * TILE_HEIGHT_PX / DPI))
-    try:
-        for ax in axes.ravel():
-            ax.axis("off")
-        for slot, index in enumerate(chosen):
-            ax = axes[slot // columns][slot % columns]
-            image01 = scale_to_unit_range(inputs[index, 0].numpy())   # the crop the model saw
-            ax.imshow(overlay(image01, cams[slot]))
-            pred = predicted_chosen[slot]
-            text, colour = tile_title(true_indices[index], pred, float(probabilities[slot, pred]), classes)
-            name = samples[index][2]
-            ax.set_title(f"{name}\n{text}", color=colour, fontsize=7,
-                         fontweight="bold" if colour == WRONG_COLOR else "normal")
-        figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.3)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # No bbox_inches="tight": the PNG keeps the documented pixel size.
-        figure.savefig(path, format="png", dpi=DPI)
-    finally:
-        plt.close(figure)
+
+def _draw(tiles: list[tuple[np.ndarray, str, int]], logits: torch.Tensor, cams: np.ndarray,
+          classes: Sequence[str], path: Path) -> Path:
+    """The grid: per tile ``(model input, name, true index)`` its overlay, titled with truth and prediction."""
+    probabilities = torch.softmax(logits, dim=1)
+    predicted = logits.argmax(dim=1).tolist()
+    columns = min(MAX_COLUMNS, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    figure = new_figure(dpi=DPI, figsize=(columns * TILE_WIDTH_PX / DPI, rows * TILE_HEIGHT_PX / DPI))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for slot, (model_input, name, true_index) in enumerate(tiles):
+        ax = axes[slot // columns][slot % columns]
+        ax.imshow(overlay(scale_to_unit_range(model_input), cams[slot]))      # on the crop the model saw
+        text, colour = tile_title(true_index, predicted[slot], float(probabilities[slot, predicted[slot]]), classes)
+        ax.set_title(f"{name}\n{text}", color=colour, fontsize=7,
+                     fontweight="bold" if colour == WRONG_COLOR else "normal")
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No bbox_inches="tight": the PNG keeps the documented pixel size.
+    figure.savefig(path, format="png", dpi=DPI)
     return path

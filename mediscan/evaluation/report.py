@@ -12,21 +12,15 @@ import numpy as np
 
 from mediscan import NOT_FOR_CLINICAL_USE
 from mediscan.core.preprocessing import scale_to_unit_range
+from mediscan.evaluation.figures import new_figure
 from mediscan.evaluation.metrics import classification_metrics
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")           # never open a window: servers and CI have no display
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def save_confusion_matrix(matrix: list[list[int]], classes: list[str], out_dir: Path) -> tuple[Path, Path]:
     """confusion_matrix.png and confusion_matrix.json."""
-    plt = _pyplot()
     data = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    fig = new_figure(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax = fig.subplots()
     ax.imshow(data, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -39,7 +33,6 @@ def save_confusion_matrix(matrix: list[list[int]], classes: list[str], out_dir: 
     fig.tight_layout()
     png = out_dir / "confusion_matrix.png"
     fig.savefig(png, dpi=110)
-    plt.close(fig)
     js = out_dir / "confusion_matrix.json"
     js.write_text(json.dumps({"classes": classes, "rows_true_columns_predicted": matrix}, indent=2))
     return png, js
@@ -56,9 +49,9 @@ def save_history(history: list[dict], out_dir: Path) -> tuple[Path, Path | None]
     else:
         csv_path.write_text("")
         return csv_path, None
-    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = new_figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
@@ -73,7 +66,6 @@ def save_history(history: list[dict], out_dir: Path) -> tuple[Path, Path | None]
     fig.tight_layout()
     png = out_dir / "training_curves.png"
     fig.savefig(png, dpi=110)
-    plt.close(fig)
     return csv_path, png
 
 

@@ -1,6 +1,7 @@
-"""Optional ONNX Runtime CPU backend for :class:`mediscan.predictor.Predictor`.
+"""Optional ONNX Runtime CPU backend for :class:`mediscan.inference.predictor.Predictor`.
 
-Export once, next to the checkpoint (``models/best.onnx`` for ``models/best.safetensors``)::
+Export once, next to the checkpoint (``models/best.onnx`` for ``models/best.safetensors``; the export and
+its parity check are :mod:`mediscan.inference.onnx_export`)::
 
     python densenet121_xray_classifier.py --export-onnx models/best.safetensors [--onnx-out PATH]
 
@@ -17,9 +18,9 @@ The exported graph has one input and two or more outputs:
   detector reads (e.g. ``pooled.denseblock1``); the final layer's pooled features are the map's mean.
 
 Grad-CAM's fast path needs only that map and the head's Linear weights (closed form), so
-:class:`OnnxClassifier` exposes the map as ``.features`` and the checkpoint's own ``head.fc``: the
-functions of :mod:`grad_cam` (``grad_cam`` fast path, ``faithfulness``) run on it unchanged, and the
-maps are computed by exactly the same code as on the PyTorch backend.
+:class:`OnnxClassifier` exposes the map as ``.features`` and the checkpoint's own ``head.fc``:
+:func:`grad_cam.grad_cam` (fast path) and :func:`mediscan.explain.faithfulness.faithfulness` run on it
+unchanged, and the maps are computed by exactly the same code as on the PyTorch backend.
 
 Staleness: the ONNX file's ``metadata_props`` hold the checkpoint's metadata (the same JSON string as the
 safetensors header) and the sha256 of the checkpoint file it was exported from. A checkpoint that has
@@ -33,49 +34,39 @@ Predictor on this backend serves many threads like the PyTorch one.
 from __future__ import annotations
 
 import hashlib
-import io
+import importlib
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mediscan.core.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
-from mediscan.core.ood import FINAL_LAYER, OODDetector
+from mediscan.core.checkpoint import CheckpointError
+from mediscan.core.ood import FINAL_LAYER
+from mediscan.core.runtime import select_device
 
 __all__ = ["BACKENDS", "AUTO_PREFERS_ONNX_ON_CPU", "INPUT_NAME", "OUTPUT_NAMES", "OPSET", "pooled_output_name",
-           "OnnxBackendError", "StaleOnnxError", "OnnxRuntimeMissingError", "OnnxExport", "OnnxClassifier",
-           "onnx_path_for", "export_command", "file_sha256", "export_onnx", "load_onnx_classifier",
+           "exported_taps", "OnnxBackendError", "StaleOnnxError", "OnnxRuntimeMissingError", "OnnxClassifier",
+           "onnx_path_for", "export_command", "file_sha256", "optional_module", "onnx_session", "load_onnx_classifier",
            "backend_device", "select_backend"]
 
 BACKENDS = ("auto", "torch", "onnx")
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "feature_map")        # always the first two outputs; pooled.<layer> may follow
 OPSET = 17
-#: metadata_props keys written by :func:`export_onnx`.
+#: metadata_props keys written by :func:`mediscan.inference.onnx_export.export_onnx`.
 META_FORMAT, META_SHA256, META_CHECKPOINT_META, META_CHECKPOINT_NAME = (
     "mediscan.format", "mediscan.checkpoint_sha256", "mediscan.checkpoint_meta", "mediscan.checkpoint_name")
 FORMAT = "mediscan-onnx/1"
-#: Largest max |probability difference| against PyTorch that :func:`export_onnx` accepts.
-PARITY_TOLERANCE = 1e-4
 
-#: Whether ``backend="auto"`` uses an up-to-date ONNX export on the CPU. Measured with bench/infer_speed.py
-#: (random-init 224 px model with unsaturated probabilities, 512 px PNG files, torch 2.14.1 vs onnxruntime
-#: 1.32.0, same process, calls interleaved) on the shared 2-core development machine:
-#:   --threads 1, load average 3.2-3.9: batch-1 predict+heatmap (explain) p50 239.7 -> 126.7 ms (1.89x),
-#:     p95 271.6 -> 142.3 ms (1.91x); predict 2.10x; explain + faithfulness 1.63x; batched predict_many(16)
-#:     2.96 -> 7.78 images/s (2.63x);
-#:   torch's default 2 threads, load average 3.8-3.9: explain p50 4598 -> 282 ms (16x; PyTorch's OpenMP
-#:     threads stall when the 2 cores are shared), batched 1.93 -> 5.47 images/s (2.84x);
-#:   parity: max |probability difference| 1.8e-7 (tolerance 1e-4), heatmaps 1.4e-6, same class and verdict
-#:     on every image.
-#: ONNX Runtime is clearly faster (>= 1.2x, here ~1.9x even at equal threads) and parity holds, so "auto"
-#: uses it when a fresh export sits next to the checkpoint. It never exports one itself: ONNX stays opt-in
-#: (one --export-onnx), and a stale export falls back to PyTorch with a warning.
+#: Whether ``backend="auto"`` uses an up-to-date ONNX export on the CPU. bench/infer_speed.py measured
+#: ONNX Runtime clearly faster than PyTorch on the CPU (single images and batches, at equal threads and
+#: more so when PyTorch's OpenMP threads share busy cores) with probabilities equal within the parity
+#: tolerance, so "auto" uses a fresh export when one sits next to the checkpoint (figures:
+#: docs/benchmarks.md, "ONNX Runtime vs PyTorch on the CPU"). It never exports one itself: ONNX stays
+#: opt-in (one --export-onnx), and a stale export falls back to PyTorch with a warning.
 AUTO_PREFERS_ONNX_ON_CPU = True
 
 
@@ -113,17 +104,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _import_onnxruntime():
+def optional_module(name: str, message: str, error: type[OnnxBackendError] = OnnxBackendError):
+    """Import the optional package ``name`` (onnx, onnxruntime); when it is not installed, raise
+    ``error(message)`` with ``{exc}`` in ``message`` replaced by the ImportError."""
     try:
-        import onnxruntime
+        return importlib.import_module(name)
     except ImportError as exc:
-        raise OnnxRuntimeMissingError(f"The ONNX backend needs onnxruntime ({exc}); install it with "
-                               f"'pip install onnxruntime', or use backend='torch'.") from None
-    return onnxruntime
+        raise error(message.format(exc=exc)) from None
+
+
+def _import_onnxruntime():
+    return optional_module("onnxruntime", "The ONNX backend needs onnxruntime ({exc}); install it with "
+                           "'pip install onnxruntime', or use backend='torch'.", OnnxRuntimeMissingError)
 
 
 # --------------------------------------------------------------------------------------------------
-# Export
+# Graph layout (shared with mediscan.inference.onnx_export)
 # --------------------------------------------------------------------------------------------------
 
 def pooled_output_name(layer: str) -> str:
@@ -131,131 +127,18 @@ def pooled_output_name(layer: str) -> str:
     return f"pooled.{layer}"
 
 
-def _exported_taps(layers) -> tuple[str, ...]:
+def exported_taps(layers) -> tuple[str, ...]:
     """The stages that need outputs of their own: all but the final one (the map's mean gives that)."""
     return tuple(layer for layer in layers if layer != FINAL_LAYER)
-
-
-class _ExportGraph(nn.Module):
-    """What is exported: the classifier with its final feature map (and pooled earlier stages) as outputs."""
-
-    def __init__(self, model: nn.Module, taps: tuple[str, ...] = ()):
-        super().__init__()
-        self.model = model
-        self.taps = taps
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        final, pooled_taps = self.model.tapped_features(x, self.taps)
-        feature_map = self.model.head.relu(final)
-        pooled = F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
-        # dropout is the identity in eval mode
-        return (self.model.head.fc(pooled), feature_map, *(pooled_taps[name] for name in self.taps))
-
-
-@dataclass(frozen=True)
-class OnnxExport:
-    """What :func:`export_onnx` wrote: the file, the checkpoint hash it is bound to, the parity it measured."""
-
-    path: Path
-    checkpoint_sha256: str
-    max_probability_difference: float
-    max_logit_difference: float
-
-
-def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                opset: int = OPSET, verify: bool = True) -> OnnxExport:
-    """Export ``checkpoint`` to ONNX (default: next to it, ``.onnx`` suffix), atomically.
-
-    With ``verify`` (default) the exported graph is run in ONNX Runtime on a few seeded inputs and
-    compared with PyTorch; a max probability difference of :data:`PARITY_TOLERANCE` or more raises
-    :class:`OnnxBackendError` and nothing is written.
-    Raises :class:`CheckpointError` for a checkpoint that cannot be loaded.
-    """
-    checkpoint = Path(checkpoint)
-    out = Path(out) if out is not None else onnx_path_for(checkpoint)
-    if out.resolve() == checkpoint.resolve():
-        raise ValueError(f"the ONNX output {out} would overwrite the checkpoint")
-    try:
-        import onnx
-    except ImportError as exc:
-        raise OnnxBackendError(f"Exporting needs the onnx package ({exc}); install it with "
-                               f"'pip install onnx onnxruntime'.") from None
-    sha_before = file_sha256(checkpoint) if checkpoint.is_file() else None
-    loaded = load_checkpoint(checkpoint, "cpu")     # CheckpointError for missing / corrupt files
-    raw_meta = _raw_checkpoint_meta(checkpoint)
-    if file_sha256(checkpoint) != sha_before:
-        raise CheckpointError(f"{checkpoint} changed while it was being exported; run the export again.")
-
-    detector = OODDetector.from_checkpoint(loaded.extra, loaded.meta)
-    taps = _exported_taps(detector.layer_names if detector is not None else ())
-    output_names = [*OUTPUT_NAMES, *(pooled_output_name(name) for name in taps)]
-    graph = _ExportGraph(loaded.model.eval(), taps).eval()
-    size = loaded.preprocessing.input_size
-    generator = torch.Generator().manual_seed(0)
-    # Batch 2 so that nothing in the trace specialises to a batch of one; the batch axis is dynamic.
-    example = (torch.rand(2, 1, size, size, generator=generator) * 2 - 1) * 1024
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # torch >= 2.9 defaults to the torch.export-based exporter, which needs onnxscript (not a
-        # MediScan dependency); the TorchScript exporter handles this plain CNN and warns that it is
-        # deprecated. When torch drops it, switch to dynamo=True and add onnxscript.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
-                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.doc_string = (f"MediScan organ classifier exported from {checkpoint.name}: input 'image' "
-                        f"(B, 1, {size}, {size}) in [-1024, 1024]; outputs 'logits', 'feature_map' "
-                        f"(post-ReLU final map, for Grad-CAM)"
-                        + "".join(f", '{pooled_output_name(name)}'" for name in taps)
-                        + (" (pooled features for the out-of-scope check)" if taps else "")
-                        + ". Not a medical device.")
-    for key, value in {META_FORMAT: FORMAT, META_SHA256: sha_before, META_CHECKPOINT_META: raw_meta,
-                       META_CHECKPOINT_NAME: checkpoint.name}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    payload = proto.SerializeToString()
-
-    prob_diff = logit_diff = float("nan")
-    if verify:
-        prob_diff, logit_diff = _parity(payload, graph, size, loaded.temperature)
-        if not prob_diff < PARITY_TOLERANCE:
-            raise OnnxBackendError(
-                f"The ONNX export of {checkpoint} does not match PyTorch: max probability difference "
-                f"{prob_diff:.2e} (tolerance {PARITY_TOLERANCE:.0e}); nothing was written.")
-    atomic_write_bytes(out, payload)
-    return OnnxExport(out, sha_before, prob_diff, logit_diff)
-
-
-def _raw_checkpoint_meta(checkpoint: Path) -> str:
-    """The checkpoint's metadata JSON string exactly as stored in its safetensors header."""
-    from safetensors import safe_open
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        return (handle.metadata() or {})["meta"]
-
-
-def _parity(payload: bytes, graph: nn.Module, size: int, temperature: float) -> tuple[float, float]:
-    """Max |probability| and |logit| differences, ONNX Runtime vs PyTorch, on seeded inputs of batch 1 and 3."""
-    session = _session(payload, threads=None)
-    generator = torch.Generator().manual_seed(1)
-    prob_diff = logit_diff = 0.0
-    for batch in (1, 3):
-        x = (torch.rand(batch, 1, size, size, generator=generator) * 2 - 1) * 1024
-        with torch.no_grad():
-            reference = graph(x)[0]
-        logits = torch.from_numpy(session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x.numpy()})[0])
-        logit_diff = max(logit_diff, float((logits - reference).abs().max()))
-        probs = torch.softmax(logits / temperature, 1) - torch.softmax(reference / temperature, 1)
-        prob_diff = max(prob_diff, float(probs.abs().max()))
-    return prob_diff, logit_diff
 
 
 # --------------------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------------------
 
-def _session(model: bytes | str, threads: int | None):
+def onnx_session(model: bytes | str, threads: int | None):
+    """An ONNX Runtime session on the CPU for a file path or serialised model; ``threads``: intra-op threads
+    (default: torch's thread count). One sequential executor: ``run`` may be called from many threads."""
     ort = _import_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -273,15 +156,15 @@ class _Head(nn.Module):
 
 
 class OnnxClassifier(nn.Module):
-    """An ONNX Runtime session behind the inference surface of :class:`mediscan.model.OrganClassifier`.
+    """An ONNX Runtime session behind the inference surface of :class:`mediscan.core.model.OrganClassifier`.
 
     * ``run(x)`` -> ``(logits, feature_map)``: one session call, CPU float32 tensors;
-    * ``forward(x)`` -> logits (what :func:`grad_cam.faithfulness` calls);
+    * ``forward(x)`` -> logits (what :func:`mediscan.explain.faithfulness.faithfulness` calls);
     * ``features(x)`` -> the final feature map, already rectified (``grad_cam``'s fast path applies ReLU
       to it again, which changes nothing), and ``head.fc`` -> the checkpoint's Linear layer: together all
       the closed-form Grad-CAM fast path needs;
     * ``tapped_features(x, layers)`` -> the map and the pooled features of ``layers`` (out-of-scope check),
-      from one session call, like :meth:`mediscan.model.OrganClassifier.tapped_features`.
+      from one session call, like :meth:`mediscan.core.model.OrganClassifier.tapped_features`.
 
     On the fast path, ``grad_cam`` computes the logits as ``head.fc(mean(map))`` from the one session call,
     exactly as it does for PyTorch; the graph's own ``logits`` output serves ``forward`` (faithfulness) and
@@ -312,7 +195,7 @@ class OnnxClassifier(nn.Module):
         return self.run(x)[1]
 
     def tapped_features(self, x: torch.Tensor, layers=()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        taps = _exported_taps(layers)
+        taps = exported_taps(layers)
         feature_map, *outputs = self._outputs(x, [OUTPUT_NAMES[1], *(pooled_output_name(name) for name in taps)])
         pooled = dict(zip(taps, outputs))
         if FINAL_LAYER in layers:
@@ -340,13 +223,20 @@ def load_onnx_classifier(onnx_path: str | os.PathLike, checkpoint: str | os.Path
                                f"    {export_command(checkpoint, onnx_path)}\n"
                                f"or use backend='torch' (--backend torch).")
     try:
-        session = _session(str(onnx_path), threads)
+        session = onnx_session(str(onnx_path), threads)
     except OnnxBackendError:
         raise
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own exception types
         raise OnnxBackendError(f"{onnx_path} is not a usable ONNX model ({type(exc).__name__}: "
                                f"{str(exc)[:300]}); re-export it with\n    "
                                f"{export_command(checkpoint, onnx_path)}") from None
+    _check_bound(session, onnx_path, checkpoint)
+    _check_graph(session, onnx_path, checkpoint, fc.out_features, input_size, taps)
+    return OnnxClassifier(session, fc, onnx_path)
+
+
+def _check_bound(session, onnx_path: Path, checkpoint: Path) -> None:
+    """Refuse a file that is not a MediScan export, or one exported from another version of ``checkpoint``."""
     props = session.get_modelmeta().custom_metadata_map
     if props.get(META_FORMAT) != FORMAT:
         raise OnnxBackendError(f"{onnx_path} is not a MediScan ONNX export (no '{FORMAT}' metadata); "
@@ -358,33 +248,39 @@ def load_onnx_classifier(onnx_path: str | os.PathLike, checkpoint: str | os.Path
             f"{onnx_path} is stale: it was exported from a checkpoint with sha256 {str(expected)[:12]}..., "
             f"but {checkpoint} now has sha256 {actual[:12]}... (retrained or replaced). Re-export it with\n"
             f"    {export_command(checkpoint, onnx_path)}")
+
+
+def _check_graph(session, onnx_path: Path, checkpoint: Path, n_classes: int, input_size: int, taps) -> None:
+    """Refuse a graph whose inputs and outputs do not fit the checkpoint (size, classes, pooled taps)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     output_names = [o.name for o in outputs]
     names_ok = [i.name for i in inputs] == [INPUT_NAME] and output_names[:2] == list(OUTPUT_NAMES)
-    missing = [name for name in _exported_taps(taps) if pooled_output_name(name) not in output_names]
+    missing = [name for name in exported_taps(taps) if pooled_output_name(name) not in output_names]
     if names_ok and missing:
         raise OnnxBackendError(f"{onnx_path} has no output for the pooled {', '.join(missing)} features that the "
                                f"checkpoint's out-of-scope check reads (exported by an older MediScan); "
                                f"re-export it with\n    {export_command(checkpoint, onnx_path)}")
     if not names_ok or list(inputs[0].shape[1:]) != [1, input_size, input_size] \
-            or outputs[0].shape[1] != fc.out_features:
+            or outputs[0].shape[1] != n_classes:
         raise OnnxBackendError(f"{onnx_path} does not fit {checkpoint} (inputs "
                                f"{[(i.name, i.shape) for i in inputs]}, outputs "
                                f"{[(o.name, o.shape) for o in outputs]}); re-export it with\n"
                                f"    {export_command(checkpoint, onnx_path)}")
-    return OnnxClassifier(session, fc, onnx_path)
 
 
-def backend_device(backend: str, device: str | torch.device | None) -> torch.device | None:
-    """Check ``backend`` and the device it runs on, before anything is loaded: the CPU for ``"onnx"``
-    (also when ``device`` is None), ``device`` as given otherwise (``None``: the caller's default)."""
+def backend_device(backend: str, device: str | torch.device | None) -> torch.device:
+    """Check ``backend`` and choose the device it runs on, before anything is loaded: the CPU for ``"onnx"``
+    (also when ``device`` is None); otherwise :func:`~mediscan.core.runtime.select_device` -- ``device``
+    as given, ``None`` = CUDA when available, else the CPU (never MPS unasked: the Predictor has not been
+    checked there)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "onnx":
         device = torch.device(device if device is not None else "cpu")
         if device.type != "cpu":
             raise ValueError(f"the ONNX backend runs on the CPU; got device {device} (pass device='cpu')")
-    return torch.device(device) if device is not None else None
+        return device
+    return select_device(device, mps=False)
 
 
 def select_backend(requested: str, checkpoint: Path, device: torch.device, model: nn.Module,

@@ -9,26 +9,16 @@ frozen-backbone stage computes exactly the gradients a single process would).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from mediscan.core.ranks import ProcessRank
 
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+class DistEnv(ProcessRank):
+    """The training run's place among the processes (see :class:`~mediscan.core.ranks.ProcessRank`)."""
 
 
 def init_distributed(prefer_cuda: bool) -> DistEnv:

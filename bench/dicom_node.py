@@ -1,0 +1,124 @@
+"""Throughput of the DICOM node end to end, against Predictor.predict on the same images in the same run.
+
+    python bench/dicom_node.py                                  # 10 series x 10 instances, 512 x 512 CR
+    python bench/dicom_node.py --series 4 --per-series 5 --input-size 64      # shrunk
+    python bench/dicom_node.py --checkpoint models/best.safetensors
+
+What it does, in one process (Orthanc is a subprocess with a temporary configuration and storage):
+
+1. writes ``--series`` x ``--per-series`` 512 x 512 16-bit CR files (pydicom; one study);
+2. baseline: ``Predictor.predict(file bytes)`` on each of them, one after the other (decode + preprocess +
+   forward + calibration, what each instance costs without any DICOM networking);
+3. starts Orthanc and a MediScan node (C-STORE back to Orthanc) and sends every file to the node with
+   dcmtk's ``storescu``; the clock runs from storescu's start to the moment Orthanc's study holds every
+   result (one Secondary Capture + one SR per series).
+
+Prints instances/s and series/s, the ratio to the baseline's instances/s (goal >= 0.8) and the results lost
+(must be 0; exit status 1 otherwise). Without --checkpoint a random-init model at --input-size (default
+224) is written to a temporary folder. Not a timed test: figures depend on the machine and its load;
+compare the ratio within one run. Needs Debian's orthanc and dcmtk.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mediscan.apps.dicom_node import quiet_libraries
+from mediscan.devtools.orthanc import orthanc_missing, orthanc_server, tools_missing
+from mediscan.devtools.synthetic import dicom_study, write_tiny_checkpoint
+from mediscan.dicom.node import DicomNode, NodeConfig
+from mediscan.dicom.sender import CStoreDestination
+from mediscan.inference.predictor import Predictor
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--series", type=int, default=10, help="series in the study (default: 10)")
+    p.add_argument("--per-series", type=int, default=10, help="instances per series (default: 10)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
+    p.add_argument("--checkpoint", help="model (default: a random-init one at --input-size)")
+    p.add_argument("--input-size", type=int, default=224, help="input size of the random-init model (default: 224)")
+    p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default: 900)")
+    return p
+
+
+def write_files(folder: Path, series: int, per_series: int, size: int) -> tuple[list[Path], str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    study = dicom_study(series, per_series, size=size, body_part="CHEST")
+    paths = []
+    for k, ds in enumerate(study):
+        paths.append(folder / f"i{k:04d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths, str(study[0].StudyInstanceUID)
+
+
+def baseline(predictor: Predictor, paths: list[Path]) -> float:
+    """Instances/s of Predictor.predict on the files' bytes, one at a time."""
+    data = [p.read_bytes() for p in paths]
+    predictor.predict(data[0])                                    # warm-up
+    t0 = time.perf_counter()
+    for raw in data:
+        predictor.predict(raw)
+    return len(data) / (time.perf_counter() - t0)
+
+
+def through_node(predictor: Predictor, paths: list[Path], study_uid: str, tmp: Path, n_series: int,
+                 timeout: float) -> tuple[float, int, dict]:
+    """(seconds from first send to last result in Orthanc, results found, node summary)."""
+    with orthanc_server(tmp / "orthanc") as orthanc:
+        config = NodeConfig(port=0, series_timeout=5.0, max_slices=max(16, len(paths)),
+                            destination=CStoreDestination(orthanc.aet, "127.0.0.1", orthanc.port))
+        node = DicomNode(predictor, config, version="bench").start()
+        try:
+            t0 = time.perf_counter()
+            run = subprocess.run(["storescu", "-aec", "MEDISCAN", "127.0.0.1", str(node.port), *map(str, paths)],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                raise SystemExit(f"storescu failed: {run.stderr[-2000:]}")
+            try:
+                orthanc.wait_for(study_uid, 2 * n_series, timeout=timeout)
+            except TimeoutError as exc:
+                print(f"WARNING: {exc}")
+            elapsed = time.perf_counter() - t0
+            instances = orthanc.study_instances(study_uid)
+            results = len(instances)                              # Orthanc holds only the results
+        finally:
+            summary = node.stop()
+    return elapsed, results, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    missing = orthanc_missing() or tools_missing("storescu")
+    if missing:
+        print(f"cannot run: {missing}", file=sys.stderr)
+        return 2
+    quiet_libraries()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        checkpoint = args.checkpoint or write_tiny_checkpoint(tmp / "bench.safetensors", input_size=args.input_size,
+                                                              with_ood=True)
+        predictor = Predictor(checkpoint)
+        paths, study_uid = write_files(tmp / "in", args.series, args.per_series, args.size)
+        n = len(paths)
+        print(f"{args.series} series x {args.per_series} instances, {args.size} x {args.size} CR; model "
+              f"{Path(checkpoint).name} (input {predictor.input_size} px) on {predictor.device}")
+        reference = baseline(predictor, paths)
+        print(f"baseline  Predictor.predict, one at a time: {reference:.2f} instances/s")
+        elapsed, results, summary = through_node(predictor, paths, study_uid, tmp, args.series, args.timeout)
+        rate = n / elapsed
+        lost = 2 * args.series - results
+        print(f"node      storescu -> MediScan -> Orthanc: {rate:.2f} instances/s, {args.series / elapsed:.2f} "
+              f"series/s ({elapsed:.1f} s for {n} instances)")
+        print(f"ratio     node / baseline = {rate / reference:.2f} (goal >= 0.8)")
+        print(f"results   {results} of {2 * args.series} stored in Orthanc; lost: {lost}; undelivered: "
+              f"{len(summary['undelivered'])}; failed series: {len(summary['failed'])}")
+    return 0 if lost == 0 and not summary["undelivered"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Series: instances grouped by SeriesInstanceUID while they arrive, sampled, and analysed as one answer.
+
+A node cannot know how many instances a series has until it is complete, so it keeps an evenly spaced
+subset as they arrive: every ``stride``-th instance, the stride doubling whenever more than twice
+``max_slices`` are kept. Memory per series stays bounded whatever its length (a 2,000-slice CT keeps at most
+``2 * max_slices`` instances), and the subset stays spread over the whole series. When the series is
+complete, ``max_slices`` of the kept instances, evenly spaced in InstanceNumber order, are analysed.
+
+The series answer averages the calibrated probabilities of its analysed instances and takes the verdict
+rules the Predictor applies to one image (:func:`mediscan.core.verdicts.verdict`): out of scope when most
+of its instances are, uncertain below the Predictor's confidence threshold, else confident.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mediscan.core.dicom_header import HeaderCheck, header_check
+from mediscan.core.imaging import read_image
+from mediscan.core.verdicts import verdict
+from mediscan.dicom.structured_report import SeriesFinding
+
+__all__ = ["Instance", "PendingSeries", "SeriesResult", "analyse_series", "sample_evenly"]
+
+
+@dataclass
+class Instance:
+    """One received instance: its encoded bytes (as received, never written to disk), its header without
+    pixel data, and its place in the series."""
+
+    data: bytes
+    header: object  # pydicom Dataset without pixel data
+    arrival: int
+    instance_number: int | None = None
+
+    @property
+    def order(self) -> tuple:
+        return (self.instance_number is None, self.instance_number or 0, self.arrival)
+
+
+@dataclass
+class PendingSeries:
+    """A series being received."""
+
+    series_uid: str
+    max_slices: int
+    received: int = 0
+    failed: int = 0
+    kept: list[Instance] = field(default_factory=list)
+    stride: int = 1
+    last_arrival: float = field(default_factory=time.monotonic)
+    association: int | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(i.data) for i in self.kept)
+
+    def add(self, data: bytes, header, association: int | None) -> int:
+        """Record an instance; returns the change in bytes held (dropped ones give a negative part)."""
+        before = self.held_bytes
+        arrival, self.received = self.received, self.received + 1
+        self.last_arrival, self.association = time.monotonic(), association
+        if arrival % self.stride == 0:
+            number = header.get("InstanceNumber")
+            self.kept.append(Instance(data, header, arrival, int(number) if number not in (None, "") else None))
+        while len(self.kept) > 2 * self.max_slices:
+            self.stride *= 2
+            self.kept = [i for i in self.kept if i.arrival % self.stride == 0]
+        return self.held_bytes - before
+
+
+def sample_evenly(items: list, k: int) -> list:
+    """``k`` items evenly spaced over ``items`` (first and last included), or all of them when fewer."""
+    if len(items) <= k:
+        return list(items)
+    picks = np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))
+    return [items[i] for i in picks]
+
+
+@dataclass
+class SeriesResult:
+    """What a series' analysis gives: the finding, the header check, the representative instance (its header
+    and Grad-CAM overlay) and the headers of every analysed instance (the SR's evidence)."""
+
+    finding: SeriesFinding
+    header_check: HeaderCheck
+    representative: object
+    overlay: np.ndarray
+    evidence: list
+    study_uid: str
+    errors: list[str] = field(default_factory=list)
+
+
+def _series_verdict(predictor, good: list, probs: np.ndarray):
+    """The Predictor's verdict rules on the averaged probabilities: colour / out of scope when most of the
+    analysed instances are (see the module docstring)."""
+    top = int(np.argmax(probs))
+    decoded = [d for _, d, _ in good]
+    threshold = None if predictor.ood is None else float(predictor.ood.threshold)
+    scores = [p.ood_score for p, _, _ in good if p.ood_score is not None]
+    flagged = threshold is not None and sum(s > threshold for s in scores) * 2 > len(good)
+    return verdict(predictor.classes[top], float(probs[top]), uncertain_below=predictor.uncertain_below,
+                   is_colour=sum(d.is_colour for d in decoded) * 2 > len(decoded),
+                   colourfulness=float(np.mean([d.colourfulness for d in decoded])),
+                   has_detector=predictor.ood is not None, flagged=flagged,
+                   ood_score=float(np.mean(scores)) if scores else None, ood_threshold=threshold)
+
+
+def analyse_series(predictor, series: PendingSeries, *, max_slices: int, mapping=None) -> SeriesResult | None:
+    """Decode and classify ``max_slices`` evenly spaced instances of ``series``; ``None`` when none of
+    them decodes (every instance then already got a failure status when it arrived)."""
+    chosen = sample_evenly(sorted(series.kept, key=lambda i: i.order), max_slices)
+    decoded, used, errors = [], [], []
+    for k, inst in enumerate(chosen):
+        try:
+            decoded.append(read_image(inst.data, name=f"instance {k + 1} of the series",
+                                      max_pixels=predictor.max_pixels))
+            used.append(inst)
+        except ValueError as exc:  # ImageReadError: already answered with a failure status on arrival
+            errors.append(str(exc))
+    if not decoded:
+        return None
+    predictions = predictor.predict_many(decoded)
+    good = [(p, d, i) for p, d, i in zip(predictions, decoded, used) if not isinstance(p, Exception)]
+    if not good:
+        return None
+    probs = np.mean([[p.probabilities[c] for c in predictor.classes] for p, _, _ in good], axis=0)
+    top = predictor.classes[int(np.argmax(probs))]
+    name, reason = _series_verdict(predictor, good, probs)
+    rep = max(good, key=lambda g: g[0].probabilities[top])
+    overlay = predictor.explain(rep[1], top, faithfulness=False).overlay()
+    check = header_check(rep[1].dicom, top, predictor.classes, mapping)
+    value = f"{check.field}={check.value}" if check.field else ""
+    finding = SeriesFinding(top, {c: float(p) for c, p in zip(predictor.classes, probs)}, name, reason,
+                            check.status, value, len(good), series.series_uid)
+    study_uid = str(rep[2].header.get("StudyInstanceUID", ""))
+    return SeriesResult(finding, check, rep[2].header, overlay, [i.header for _, _, i in good], study_uid, errors)

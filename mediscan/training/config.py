@@ -1,0 +1,69 @@
+"""What a training run is asked to do (:class:`TrainConfig`) and what it hands back (:class:`FitResult`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mediscan.core.model import DEFAULT_WEIGHTS
+from mediscan.core.preprocessing import DEFAULT_INPUT_SIZE
+
+#: File names inside ``TrainConfig.out``: the best validation epoch, and the latest epoch (resumable).
+BEST_NAME = "best.safetensors"
+LAST_NAME = "last.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; saved inside each checkpoint as ``train_args``."""
+
+    data: str = "dataset"
+    out: str = "models"
+    weights: str = DEFAULT_WEIGHTS
+    weights_cache: str | None = None
+    input_size: int = DEFAULT_INPUT_SIZE
+    head_epochs: int = 5
+    finetune_epochs: int = 10
+    head_lr: float = 1e-3
+    finetune_lr: float = 1e-5
+    batch_size: int = 16
+    dropout: float = 0.0
+    class_weights: bool = False
+    augment: bool = True
+    val_fraction: float = 0.15
+    skip_bad: bool = False
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    amp: bool = True
+    cuda_graphs: bool = True
+    resume: bool = False
+    progress: bool = True
+    gallery: bool = True
+
+    @property
+    def total_epochs(self) -> int:
+        return self.head_epochs + self.finetune_epochs
+
+    def stage_of(self, epoch: int) -> int:
+        """Stage (1 or 2) of a 1-based epoch number."""
+        return 1 if epoch <= self.head_epochs else 2
+
+    @property
+    def best_path(self) -> Path:
+        return Path(self.out) / BEST_NAME
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.out) / LAST_NAME
+
+
+@dataclass
+class FitResult:
+    """The checkpoints and report a run wrote, its per-epoch history, test metrics and wall time."""
+
+    best_path: Path
+    last_path: Path
+    report_path: Path | None
+    history: list[dict]
+    test_metrics: dict | None
+    seconds: float
