@@ -287,7 +287,7 @@ def compare_backends(checkpoint: Path, paths: list[Path], tmp: Path, args) -> No
 
 def archive_sections(checkpoint: Path, paths: list[Path], tmp: Path, args) -> None:
     """Folder-mode throughput vs the model-only rate for each backend, then memory over --rss-files files."""
-    from mediscan.inference.archive import ArchiveJob, _run_batch, run_archive
+    from mediscan.inference.archive import ArchiveJob, run_archive
 
     backends = {"torch": Predictor(checkpoint, args.device, backend="torch")}
     if args.onnx and backends["torch"].device.type == "cpu":
@@ -299,11 +299,11 @@ def archive_sections(checkpoint: Path, paths: list[Path], tmp: Path, args) -> No
             print(f"  (ONNX Runtime skipped: {exc})")
     batch = args.batch_size
     print(f"\n== folder mode (archive runner) vs the model alone, {len(paths)} files, batch {batch}{load_average()}")
-    prepared = {name: [p._prepare(path, None) for path in paths] for name, p in backends.items()}
+    prepared = {name: [p.prepare(path) for path in paths] for name, p in backends.items()}
 
     def model_only(p, name):          # forward passes on already decoded, preprocessed full batches
         for start in range(0, len(paths), batch):
-            _run_batch(p, prepared[name][start:start + batch], False)
+            p.run_prepared(prepared[name][start:start + batch])
 
     def folder(p, name):
         run_archive(p, ArchiveJob(paths[0].parent, tmp / f"archive-{name}.csv", batch))

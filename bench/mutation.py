@@ -64,7 +64,7 @@ TARGETS = {
     "predictor-batch": Target(
         "mediscan/inference/predictor.py", ("tests/test_predictor_batch.py", "tests/test_predictor.py"),
         ("Predictor.predict_many", "Predictor.explain_many", "Predictor._forward", "Predictor._calibrate",
-         "Predictor._prediction", "Predictor._explanation", "Predictor._run_many", "Predictor._run_batch")),
+         "Predictor._prediction", "Predictor._explanation", "Predictor._run_many", "Predictor.run_prepared")),
     "resume": Target("mediscan/training/resume.py", ("tests/test_resume.py", "tests/test_training.py")),
 }
 

@@ -296,7 +296,7 @@ def _prepare(predictor, path: Path):
     """Decode + preprocess one file in a worker thread; a bad file becomes :class:`_Failed`, never an exception."""
     from mediscan.core.imaging import ImageReadError
     try:
-        return predictor._prepare(path, None)
+        return predictor.prepare(path)
     except ImageReadError as exc:
         return _Failed(str(exc))
     except Exception as exc:  # noqa: BLE001 -- one strange file must not stop an archive run
@@ -343,7 +343,7 @@ def _predicted_rows(predictor, job: ArchiveJob, pending) -> Iterator[list[list[s
     with_maps = job.overlays is not None
     for chunk in _chunks(_decoded(predictor, job, pending), job.batch_size):
         readable = [item for _, item in chunk if not isinstance(item, _Failed)]
-        results = iter(_run_batch(predictor, readable, with_maps) if readable else ())
+        results = iter(predictor.run_prepared(readable, with_maps=with_maps) if readable else ())
         rows = []
         for path, item in chunk:
             if isinstance(item, _Failed):
@@ -354,13 +354,6 @@ def _predicted_rows(predictor, job: ArchiveJob, pending) -> Iterator[list[list[s
             if with_maps:
                 _write_overlay(result, job.overlays / path, job.alpha)
         yield rows
-
-
-def _run_batch(predictor, prepared: list, with_maps: bool) -> list:
-    """The predictor's batched forward pass on already prepared images (results in order)."""
-    results: list = [None] * len(prepared)
-    predictor._run_batch([(index, *item) for index, item in enumerate(prepared)], results, with_maps, None)
-    return results
 
 
 def _write_overlay(explanation, target: Path, alpha: float) -> None:

@@ -69,9 +69,9 @@ class UnknownClassError(ValueError):
     """A class name that the loaded model does not know; the message lists the valid ones."""
 
 
-class _Prepared(NamedTuple):
-    """One decoded, preprocessed image waiting for the model (a tuple: mediscan.inference.archive prepares
-    images in worker threads with :meth:`Predictor._prepare` and hands them to :meth:`Predictor._run_batch`)."""
+class PreparedImage(NamedTuple):
+    """One decoded, preprocessed image waiting for the model (:meth:`Predictor.prepare`); callers that
+    decode in worker threads, like the archive runner, hand batches of them to :meth:`Predictor.run_prepared`."""
 
     decoded: DecodedImage
     tensor: torch.Tensor          # (1, S, S) model input
@@ -140,10 +140,6 @@ class Predictor:
         return (f"Predictor({str(self.checkpoint_path)!r}, classes={list(self.classes)}, "
                 f"device={str(self.device)!r}, backend={self.backend!r}, ood={'yes' if self.ood else 'no'})")
 
-    def __repr__(self) -> str:
-        return (f"Predictor({str(self.checkpoint_path)!r}, classes={list(self.classes)}, "
-                f"device={str(self.device)!r}, backend={self.backend!r}, ood={'yes' if self.ood else 'no'})")
-
     def model_card(self) -> dict:
         """JSON-ready facts about the loaded model (:func:`mediscan.inference.model_card.model_card`)."""
         return model_card(self)
@@ -156,7 +152,7 @@ class Predictor:
         ``name`` labels bytes / file-like input (e.g. the upload's file name).
         Raises :class:`ImageReadError` (with a user-facing message) when the input cannot be decoded.
         """
-        return self._forward([self._prepare(image, name)]).predictions[0]
+        return self._forward([self.prepare(image, name)]).predictions[0]
 
     def explain(self, image: ImageInput, class_name: str | None = None, *, name: str | None = None,
                 method: str = "gradcam", faithfulness: bool = True) -> Explanation:
@@ -168,7 +164,7 @@ class Predictor:
         Raises :class:`ImageReadError` for bad input, :class:`UnknownClassError` for an unknown class.
         """
         target = None if class_name is None else self.class_index(class_name)
-        item = self._prepare(image, name)
+        item = self.prepare(image, name)
         run = self._forward([item], None if target is None else [target], method)
         explanation = self._explanation(run, 0, item, method)
         if faithfulness:
@@ -201,8 +197,10 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------- the pipeline
 
-    def _prepare(self, image: ImageInput, name: str | None) -> _Prepared:
-        """Decode + preprocess one input (raises :class:`ImageReadError` for one that cannot be decoded)."""
+    def prepare(self, image: ImageInput, name: str | None = None) -> PreparedImage:
+        """Decode + preprocess one input (raises :class:`ImageReadError` for one that cannot be decoded).
+
+        Thread-safe and model-free: run it in worker threads ahead of :meth:`run_prepared`."""
         t0 = time.perf_counter()
         if isinstance(image, DecodedImage):
             decoded = dataclasses.replace(image, source=name) if name else image
@@ -211,9 +209,9 @@ class Predictor:
         decode_ms = _ms_since(t0)
         t0 = time.perf_counter()
         tensor, geometry = preprocess(decoded.pixels, self.input_size)
-        return _Prepared(decoded, tensor, geometry, {"decode": decode_ms, "preprocess": _ms_since(t0)})
+        return PreparedImage(decoded, tensor, geometry, {"decode": decode_ms, "preprocess": _ms_since(t0)})
 
-    def _forward(self, items: Sequence[_Prepared], targets: list[int] | None = None,
+    def _forward(self, items: Sequence[PreparedImage], targets: list[int] | None = None,
                  method: str = "gradcam") -> _Forward:
         """ONE batched forward pass over ``items``: logits and maps (for ``targets``, ``None`` = the
         predicted classes), calibrated probabilities, out-of-scope scores and each row's prediction."""
@@ -249,7 +247,7 @@ class Predictor:
         scores = self.ood.score(pooled)
         return probs, scores, self.ood.flag(scores)   # the same rule as OODDetector.is_out_of_scope
 
-    def _prediction(self, item: _Prepared, probs: torch.Tensor, score: float | None, flagged: bool,
+    def _prediction(self, item: PreparedImage, probs: torch.Tensor, score: float | None, flagged: bool,
                     model_ms: float) -> Prediction:
         probabilities = {name: float(p) for name, p in zip(self.classes, probs.tolist())}
         top = int(torch.argmax(probs))
@@ -264,7 +262,7 @@ class Predictor:
         return Prediction(decoded.source, self.classes, probabilities, self.classes[top], confidence,
                           decision.name, decision.reason, score, timings, tuple(decoded.warnings))
 
-    def _explanation(self, run: _Forward, row: int, item: _Prepared, method: str) -> Explanation:
+    def _explanation(self, run: _Forward, row: int, item: PreparedImage, method: str) -> Explanation:
         """Row ``row``'s prediction and its map, mapped back onto the decoded image (0 outside the crop)."""
         from grad_cam import cam_to_original
         explained = int(run.cam.class_indices[row])
@@ -277,9 +275,16 @@ class Predictor:
         result = faithfulness(self.net, run.batch, run.cam.cams, [int(run.cam.class_indices[0])])
         return {name: float(values[0]) for name, values in result.items()}
 
+    def run_prepared(self, items: Sequence[PreparedImage], *, with_maps: bool = False) -> list:
+        """ONE batched forward pass over prepared images: a :class:`Prediction` (``with_maps``: an
+        :class:`Explanation` of the predicted class) per item, in order."""
+        run = self._forward(items)
+        return [self._explanation(run, row, item, "gradcam") if with_maps else run.predictions[row]
+                for row, item in enumerate(items)]
+
     def _run_many(self, images: Iterable[ImageInput], batch_size: int | None, names, *, with_maps: bool,
                   progress=None) -> list:
-        """Decode every input, then run the good ones through :meth:`_forward` ``batch_size`` at a time."""
+        """Decode every input, then run the good ones through :meth:`run_prepared` ``batch_size`` at a time."""
         batch_size = self.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -287,31 +292,29 @@ class Predictor:
         if names is not None and len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images")
         results: list = [None] * len(images)
-        pending: list[tuple] = []      # (index, *prepared)
+        pending: list[tuple[int, PreparedImage]] = []
+
+        def flush() -> None:
+            outputs = self.run_prepared([item for _, item in pending], with_maps=with_maps)
+            for (index, _), output in zip(pending, outputs):
+                results[index] = output
+            if progress is not None:
+                progress(len(pending))
+            pending.clear()
+
         for index, image in enumerate(images):
             try:
-                pending.append((index, *self._prepare(image, None if names is None else names[index])))
+                pending.append((index, self.prepare(image, None if names is None else names[index])))
             except ImageReadError as error:
                 results[index] = error
                 if progress is not None:
                     progress(1)
                 continue
             if len(pending) == batch_size:
-                self._run_batch(pending, results, with_maps, progress)
-                pending = []
+                flush()
         if pending:
-            self._run_batch(pending, results, with_maps, progress)
+            flush()
         return results
-
-    def _run_batch(self, pending: list[tuple], results: list, with_maps: bool, progress) -> None:
-        """One :meth:`_forward` over ``pending`` (``(index, *prepared)`` tuples); each result lands at its
-        input's index in ``results``."""
-        indices, items = [entry[0] for entry in pending], [_Prepared(*entry[1:]) for entry in pending]
-        run = self._forward(items)
-        for row, (index, item) in enumerate(zip(indices, items)):
-            results[index] = self._explanation(run, row, item, "gradcam") if with_maps else run.predictions[row]
-        if progress is not None:
-            progress(len(pending))
 
 
 # --------------------------------------------------------------------------------------------------
