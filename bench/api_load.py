@@ -6,6 +6,7 @@
     python bench/api_load.py --input-size 64 --requests 2000 --duration 600   # RSS check over 2,000 requests
     python bench/api_load.py --checkpoint models/best.safetensors
     python bench/api_load.py --device cuda --clients 32 --duration 30    # on a GPU: batching off vs on
+    python bench/api_load.py --modes off,on1,on                # also batching with one batch worker (the old way)
 
 What it does, in one process (the server is a subprocess on a free 127.0.0.1 port):
 
@@ -69,8 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per client before measuring")
     p.add_argument("--window", type=float, default=2.0, help="--batch-window-ms of the batching-on runs")
     p.add_argument("--max-batch", type=int, default=None, help="--max-batch of the batching-on runs")
+    p.add_argument("--batch-workers", type=int, default=None,
+                   help="--batch-workers of the batching-on runs (default: the server's)")
     p.add_argument("--device", default="cpu", help="torch device of the server (and of the baseline)")
-    p.add_argument("--modes", default="off,on", help="batching modes to run, in order: off, on or both")
+    p.add_argument("--modes", default="off,on",
+                   help="batching modes to run, in order: off, on, and on1 (batching with one batch worker: "
+                        "the behaviour before two workers)")
     return p
 
 
@@ -259,6 +264,8 @@ def server_options(args, mode: str) -> list[str]:
     if mode == "off":
         return options + ["--batch-window-ms", "0"]
     options += ["--batch-window-ms", str(args.window)]
+    workers = 1 if mode == "on1" else args.batch_workers
+    options += ["--batch-workers", str(workers)] if workers else []
     return options + (["--max-batch", str(args.max_batch)] if args.max_batch else [])
 
 
@@ -311,14 +318,15 @@ def report(results: list[dict], base: list[dict[str, float]]) -> int:
 
 def compare_modes(results: list[dict]) -> None:
     """Mean throughput and p99 of each batching mode, and on against off."""
-    by_mode = {mode: [r for r in results if r["mode"] == mode] for mode in ("off", "on")}
+    by_mode = {mode: [r for r in results if r["mode"] == mode] for mode in ("off", "on", "on1")}
     means = {mode: (statistics.mean(r["rps"] for r in runs), statistics.mean(r["p99"] for r in runs))
              for mode, runs in by_mode.items() if runs}
     for mode, (rps, p99) in means.items():
         print(f"batching {mode}: mean {rps:.2f} req/s, p99 {p99:.0f} ms over {len(by_mode[mode])} run(s)")
-    if len(means) == 2:
-        print(f"batching on / off: throughput x{means['on'][0] / means['off'][0]:.2f}, "
-              f"p99 x{means['on'][1] / means['off'][1]:.2f}")
+    for mode in ("on", "on1"):
+        if mode in means and "off" in means:
+            print(f"batching {mode} / off: throughput x{means[mode][0] / means['off'][0]:.2f}, "
+                  f"p99 x{means[mode][1] / means['off'][1]:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,15 @@
     python bench/dicom_node.py                                  # 10 series x 10 instances, 512 x 512 CR
     python bench/dicom_node.py --series 4 --per-series 5 --input-size 64      # shrunk
     python bench/dicom_node.py --checkpoint models/best.safetensors
+    python bench/dicom_node.py --series 1 --per-series 3 --sc-png docs/dicom_sc.png   # the README picture
 
 What it does, in one process (Orthanc is a subprocess with a temporary configuration and storage):
 
 1. writes ``--series`` x ``--per-series`` 512 x 512 16-bit CR files (pydicom; one study);
 2. baseline: ``Predictor.predict(file bytes)`` on each of them, one after the other (decode + preprocess +
-   forward + calibration, what each instance costs without any DICOM networking);
+   forward + calibration, what each instance costs without any DICOM networking) -- measured before and
+   again after the node's run, and averaged, so that a change in the machine's load during the run biases
+   neither side;
 3. starts Orthanc and a MediScan node (C-STORE back to Orthanc) and sends every file to the node with
    dcmtk's ``storescu``; the clock runs from storescu's start to the moment Orthanc's study holds every
    result (one Secondary Capture + one SR per series).
@@ -16,7 +19,12 @@ What it does, in one process (Orthanc is a subprocess with a temporary configura
 Prints instances/s and series/s, the ratio to the baseline's instances/s (goal >= 0.8) and the results lost
 (must be 0; exit status 1 otherwise). Without --checkpoint a random-init model at --input-size (default
 224) is written to a temporary folder. Not a timed test: figures depend on the machine and its load;
-compare the ratio within one run. Needs Debian's orthanc and dcmtk.
+compare the ratio within one run. Needs Debian's orthanc and dcmtk. ``--sc-png FILE`` also saves one of the
+Secondary Captures Orthanc received, rendered from its DICOM pixel data (synthetic images only).
+
+Threads: ``--threads`` torch intra-op threads (default 1: on a shared 2-core machine a 2-thread OpenMP team
+spin-waits whenever the other core is busy); the baseline and the node use the same Predictor, so both run
+with the same setting.
 """
 from __future__ import annotations
 
@@ -43,6 +51,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="model (default: a random-init one at --input-size)")
     p.add_argument("--input-size", type=int, default=224, help="input size of the random-init model (default: 224)")
     p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default: 900)")
+    p.add_argument("--sc-png", type=Path, help="save one Secondary Capture the node stored, as PNG")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    p.add_argument("--series-timeout", type=float, default=5.0,
+                   help="the node's --series-timeout: storescu sends every series on one association, so each "
+                        "series but the last is complete only after this idle time (default: 5)")
     return p
 
 
@@ -66,11 +79,28 @@ def baseline(predictor: Predictor, paths: list[Path]) -> float:
     return len(data) / (time.perf_counter() - t0)
 
 
+def save_sc_png(orthanc, instances: list[dict], target: Path) -> None:
+    """Render the first Secondary Capture among ``instances`` from its DICOM pixel data to a PNG file."""
+    import io
+
+    import pydicom
+    from PIL import Image
+
+    for instance in instances:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.request("GET", f"/instances/{instance['ID']}/file")))
+        if ds.Modality != "SR":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ds.pixel_array).save(target, optimize=True)
+            print(f"saved     {target} ({ds.Columns} x {ds.Rows}, from the SC's pixel data)")
+            return
+    print("WARNING: no Secondary Capture to save")
+
+
 def through_node(predictor: Predictor, paths: list[Path], study_uid: str, tmp: Path, n_series: int,
-                 timeout: float) -> tuple[float, int, dict]:
+                 timeout: float, sc_png: Path | None = None, series_timeout: float = 5.0) -> tuple[float, int, dict]:
     """(seconds from first send to last result in Orthanc, results found, node summary)."""
     with orthanc_server(tmp / "orthanc") as orthanc:
-        config = NodeConfig(port=0, series_timeout=5.0, max_slices=max(16, len(paths)),
+        config = NodeConfig(port=0, series_timeout=series_timeout, max_slices=max(16, len(paths)),
                             destination=CStoreDestination(orthanc.aet, "127.0.0.1", orthanc.port))
         node = DicomNode(predictor, config, version="bench").start()
         try:
@@ -79,6 +109,7 @@ def through_node(predictor: Predictor, paths: list[Path], study_uid: str, tmp: P
                                  capture_output=True, text=True)
             if run.returncode != 0:
                 raise SystemExit(f"storescu failed: {run.stderr[-2000:]}")
+            print(f"sent      {len(paths)} instances with storescu in {time.perf_counter() - t0:.1f} s")
             try:
                 orthanc.wait_for(study_uid, 2 * n_series, timeout=timeout)
             except TimeoutError as exc:
@@ -86,6 +117,8 @@ def through_node(predictor: Predictor, paths: list[Path], study_uid: str, tmp: P
             elapsed = time.perf_counter() - t0
             instances = orthanc.study_instances(study_uid)
             results = len(instances)                              # Orthanc holds only the results
+            if sc_png is not None:
+                save_sc_png(orthanc, instances, sc_png)
         finally:
             summary = node.stop()
     return elapsed, results, summary
@@ -98,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run: {missing}", file=sys.stderr)
         return 2
     quiet_libraries()
+    import torch
+    torch.set_num_threads(max(1, args.threads))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         checkpoint = args.checkpoint or write_tiny_checkpoint(tmp / "bench.safetensors", input_size=args.input_size,
@@ -106,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         paths, study_uid = write_files(tmp / "in", args.series, args.per_series, args.size)
         n = len(paths)
         print(f"{args.series} series x {args.per_series} instances, {args.size} x {args.size} CR; model "
-              f"{Path(checkpoint).name} (input {predictor.input_size} px) on {predictor.device}")
-        reference = baseline(predictor, paths)
-        print(f"baseline  Predictor.predict, one at a time: {reference:.2f} instances/s")
-        elapsed, results, summary = through_node(predictor, paths, study_uid, tmp, args.series, args.timeout)
+              f"{Path(checkpoint).name} (input {predictor.input_size} px) on {predictor.device}, "
+              f"{torch.get_num_threads()} torch thread(s), series timeout {args.series_timeout:g} s")
+        before = baseline(predictor, paths)
+        elapsed, results, summary = through_node(predictor, paths, study_uid, tmp, args.series, args.timeout,
+                                                 args.sc_png, args.series_timeout)
+        after = baseline(predictor, paths)
+        reference = (before + after) / 2
+        print(f"baseline  Predictor.predict, one at a time: {reference:.2f} instances/s (before the node "
+              f"{before:.2f}, after {after:.2f})")
         rate = n / elapsed
         lost = 2 * args.series - results
         print(f"node      storescu -> MediScan -> Orthanc: {rate:.2f} instances/s, {args.series / elapsed:.2f} "

@@ -328,8 +328,29 @@ def archive_sections(checkpoint: Path, paths: list[Path], tmp: Path, args) -> No
         print(f"  {name}: folder mode / model only {rates[folder_label, name] / rates[model_label, name]:5.2f}x "
               f"(goal >= 0.9), batched / one at a time {rates[batched_label, name] / rates[one_label, name]:5.2f}x "
               f"(goal >= 1){load_average()}")
+    if "onnx" in backends:
+        session_batch_check(backends["onnx"], paths, batch)
     if args.rss_files:
         archive_memory(tmp / "rss", args.rss_files)
+
+
+def session_batch_check(predictor: Predictor, paths: list[Path], batch: int, rounds: int = 2) -> None:
+    """ONNX ``predict_many(batch)`` with the batch fed to ONNX Runtime row by row (``run_batch`` 1, the
+    default) against one ``session.run`` per whole batch (how it ran before), calls interleaved."""
+    net = predictor.net
+    default, seconds = net.run_batch, {1: 0.0, batch: 0.0}
+    try:
+        for index in range(rounds):
+            for run_batch in ((1, batch) if index % 2 == 0 else (batch, 1)):
+                net.run_batch = run_batch
+                started = time.perf_counter()
+                predictor.predict_many(paths, batch_size=batch)
+                seconds[run_batch] += time.perf_counter() - started
+    finally:
+        net.run_batch = default
+    rows, whole = (rounds * len(paths) / seconds[size] for size in (1, batch))
+    print(f"  onnx predict_many({batch}): rows fed one by one {rows:.2f} img/s, whole batch per session.run "
+          f"{whole:.2f} img/s: {rows / whole:.2f}x{load_average()}")
 
 
 def current_rss_mb() -> float:

@@ -15,6 +15,11 @@ Figures, with goals: % of the out-of-scope set flagged (goal >= 95 %), % of vali
 confidence ("flag when calibrated confidence < t"), with t set so that it flags as many validation
 images as the detector does (or ``uncertain_below`` without --data), to show what the detector adds.
 Works with any checkpoint; one without OOD statistics reports the baseline only.
+
+near_ood (``--near-ood``, default ``../shared/data/near_ood`` when present): real medical images of other body
+parts and modalities, one sub-folder per kind; flagged % per kind, grayscale kinds separately and overall
+(goals: >= 95 % overall, >= 90 % every grayscale kind), beside the max-softmax baseline and each detector part
+alone (Mahalanobis layers; the classifier's energy), each thresholded on validation only.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from mediscan.core.imaging import ImageReadError, looks_like_image_file, read_image  # noqa: E402
 from mediscan.inference.predictor import Predictor  # noqa: E402
 
+NEAR_OOD = ROOT.parent / "shared" / "data" / "near_ood"
 SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon", "page", "text",
                    "horse", "clock", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass",
                    "gravel", "logo", "colorwheel", "checkerboard", "microaneurysms", "cell", "binary_blobs")
@@ -55,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--list", action="store_true", help="print every out-of-scope image's result")
+    parser.add_argument("--near-ood", type=Path, default=NEAR_OOD if NEAR_OOD.is_dir() else None,
+                        help="folder of near out-of-distribution kinds (one sub-folder each); 'none' to skip")
     return parser
 
 
@@ -165,20 +173,32 @@ def goal(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def layer_flags(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
-    """Per detector layer: which of the decoded ``images`` that layer's relative distance alone puts above
-    the threshold (the detector flags an image when any layer does). One extra forward pass over them."""
+def score_parts(predictor: Predictor, images: list) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The raw logits ``(N, C)`` of the decoded ``images`` and, with a detector, each of its parts' relative
+    score (``{layer or "energy": (N,)}``; the detector flags an image when its largest part is above the
+    threshold). One extra forward pass over them."""
     import torch
 
     from mediscan.core.preprocessing import preprocess
-    flags: dict[str, list] = {name: [] for name in predictor.ood.layer_names}
+    logits, parts = [], {}
+    layers = predictor.ood.layer_names if predictor.ood is not None else ()
     for start in range(0, len(images), 16):
         batch = torch.stack([preprocess(image.pixels, predictor.input_size)[0] for image in images[start:start + 16]])
         with torch.no_grad():
-            _, pooled = predictor.net.tapped_features(batch.to(predictor.device), predictor.ood.layer_names)
-        for name, scores in predictor.ood.layer_scores(pooled).items():
-            flags[name].append((scores > predictor.ood.threshold).numpy())
-    return {name: np.concatenate(chunks) for name, chunks in flags.items()}
+            feature_map, pooled = predictor.net.tapped_features(batch.to(predictor.device), layers)
+            out = predictor.net.head(feature_map).float().cpu()
+        logits.append(out.numpy())
+        if predictor.ood is not None:
+            for name, scores in predictor.ood.layer_scores(pooled, out).items():
+                parts.setdefault(name, []).append(scores.numpy())
+    return (np.concatenate(logits) if logits else np.zeros((0, len(predictor.classes))),
+            {name: np.concatenate(chunks) for name, chunks in parts.items()})
+
+
+def layer_flags(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
+    """Per detector part: which of the decoded ``images`` that part alone puts above the threshold."""
+    _, parts = score_parts(predictor, images)
+    return {name: scores > predictor.ood.threshold for name, scores in parts.items()}
 
 
 def run_predictions(predictor: Predictor, items: list, names: list[str], batch_size: int):
@@ -208,6 +228,9 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
         flagged = sum(r.verdict == "out_of_scope" for r in rows)
         print(f"  {group:16s} flagged out_of_scope: {percent(flagged, len(rows))}")
     flagged_ood = sum(r.verdict == "out_of_scope" for r in ood_results)
+    photo_rows = [r for s, r in zip(ood_samples, ood_results) if s.group == "photo"]
+    flagged_photos = sum(r.verdict == "out_of_scope" for r in photo_rows)
+    print(f"  {'photos':16s} goal >= 95%: {goal(has_ood and flagged_photos >= 0.95 * len(photo_rows))}")
     print(f"  {'all':16s} flagged out_of_scope: {percent(flagged_ood, len(ood_results))}   "
           f"goal >= 95%: {goal(has_ood and flagged_ood >= 0.95 * len(ood_results))}")
     # Which of the two checks carries the figure: the colour check alone, and the feature detector alone.
@@ -215,7 +238,7 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
     colour = [image.is_colour for image in decoded]
     if has_ood:
         by_features = [r.ood_score > predictor.ood.threshold for r in ood_results]
-        print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))}; Mahalanobis detector alone "
+        print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))}; the detector alone "
               f"flags {percent(sum(by_features), len(by_features))}")
         for layer, flags in layer_flags(predictor, decoded).items():
             print(f"  {'  layer ' + layer:16s} above the threshold on its own: {percent(int(flags.sum()), len(flags))}")
@@ -244,18 +267,100 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
         rule = f"confidence < uncertain_below = {threshold:.2f}"
     msp_flagged = int((ood_conf < threshold).sum())
     print(f"  baseline {rule}")
+    args.msp_threshold = threshold           # the near_ood section applies the same baseline rule
     print(f"  baseline flags {percent(msp_flagged, len(ood_conf))} of out-of-scope images; "
           f"MediScan (colour check + detector) flags "
           f"{percent(flagged_ood, len(ood_results)) if has_ood else 'n/a (no OOD statistics)'}")
     if val_ok:
         msp_auc = auroc(-val_conf, -ood_conf)
-        line = f"  AUROC val vs out-of-scope: max-softmax {msp_auc:.3f}"
+        line = f"  AUROC val vs out-of-scope: max-softmax {msp_auc:.3f}"  # detector: as stored (with energy if any)
         if has_ood:
             ood_auc = auroc(np.array([r.ood_score for r in val_ok]), np.array([r.ood_score for r in ood_results]))
-            line += f", Mahalanobis detector {ood_auc:.3f}"
+            line += f", detector {ood_auc:.3f}"
         print(line)
     if not has_ood:
         print("  NOTE: this checkpoint has no out-of-scope statistics; retrain to add them.")
+
+
+# --------------------------------------------------------------------------------------------------
+# near out-of-distribution: real medical images of other body parts and modalities
+# --------------------------------------------------------------------------------------------------
+
+def near_ood_kinds(folder: Path) -> dict[str, list[Path]]:
+    """``{kind: its image files}`` for every sub-folder of ``folder``."""
+    kinds = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(p for p in sub.rglob("*") if p.is_file() and looks_like_image_file(p))
+        if files:
+            kinds[sub.name] = files
+    return kinds
+
+
+def energies(logits: np.ndarray) -> np.ndarray:
+    """Free energy ``-logsumexp(logits)`` per row (Liu et al. 2020)."""
+    top = logits.max(1, keepdims=True)
+    return -(top[:, 0] + np.log(np.exp(logits - top).sum(1)))
+
+
+def _val_threshold(val_scores: np.ndarray) -> float:
+    """Halfway between the 95th percentile of the validation scores (rounded up to one) and the next one:
+    at most 5 % of validation above it, as the detector's own rule."""
+    ordered = np.sort(val_scores)
+    kept = float(np.quantile(ordered, 0.95, method="higher"))
+    above = ordered[ordered > kept]
+    return kept if len(above) == 0 else (kept + float(above.min())) / 2
+
+
+def _part_scores(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
+    """Per image: energy alone, and the Mahalanobis layers alone (their max, without any energy part)."""
+    logits, parts = score_parts(predictor, images)
+    scores = {"energy": energies(logits)}
+    layers = [v for k, v in parts.items() if k != "energy"]
+    if layers:
+        scores["mahalanobis"] = np.max(np.stack(layers), axis=0)
+    return scores
+
+
+def near_ood_report(predictor: Predictor, folder: Path, val_files: list[Path], val_results, args) -> None:
+    """Flagged % per near_ood kind (grayscale kinds separately, overall): MediScan as shipped, the max-softmax
+    baseline at the same validation budget, and each part alone -- Mahalanobis layers, energy -- with its
+    own threshold from validation only (at most 5 % of validation above it)."""
+    kinds = near_ood_kinds(folder)
+    msp = getattr(args, "msp_threshold", predictor.uncertain_below)
+    val_images = [read_image(f) for f, r in zip(val_files, val_results) if not isinstance(r, ImageReadError)]
+    val_parts = _part_scores(predictor, val_images) if val_images else {}
+    thresholds = {name: _val_threshold(v) for name, v in val_parts.items()}
+    print(f"\n== near_ood ({folder}) " + "=" * 50)
+    for name, v in val_parts.items():
+        print(f"  {name} alone: threshold {thresholds[name]:.3f} flags {100 * (v > thresholds[name]).mean():.1f}% of val")
+    print(f"  {'kind':20s} {'MediScan':>16s} {'max-softmax':>16s} {'Mahalanobis':>16s} {'energy':>16s}")
+    totals = {"all": np.zeros(5, int), "grayscale": np.zeros(5, int)}
+    grayscale_ok = True
+    for kind, files in kinds.items():
+        results = predictor.predict_many(files, batch_size=args.batch_size)
+        pairs = [(f, r) for f, r in zip(files, results) if not isinstance(r, ImageReadError)]
+        decoded = [read_image(f) for f, _ in pairs]
+        gray = not any(image.is_colour for image in decoded)
+        parts = _part_scores(predictor, decoded) if thresholds else {}
+        alone = [int((parts[n] > thresholds[n]).sum()) if n in parts else -1 for n in ("mahalanobis", "energy")]
+        row = np.array([len(pairs), sum(r.verdict == "out_of_scope" for _, r in pairs),
+                        sum(r.confidence is not None and r.confidence < msp for _, r in pairs), *alone])
+        totals["all"] += row
+        if gray:
+            totals["grayscale"] += row
+            grayscale_ok &= bool(row[1] >= 0.90 * row[0])
+        _near_row(kind + (" (gray)" if gray else ""), row)
+    for name, row in totals.items():
+        _near_row(name, row)
+    every = totals["all"]
+    print(f"  goals: overall >= 95%: {goal(every[1] >= 0.95 * every[0])}; every grayscale kind >= 90%: "
+          f"{goal(grayscale_ok)}")
+
+
+def _near_row(name: str, row: np.ndarray) -> None:
+    n = int(row[0])
+    cells = [percent(int(v), n) if v >= 0 else "n/a" for v in row[1:]]
+    print(f"  {name:20s} " + " ".join(f"{c:>16s}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             val_results, val_seconds = run_predictions(predictor, files, None, args.batch_size)
             print(f"{len(files)} validation images in {val_seconds:.1f}s")
     report(predictor, ood_samples, ood_results, val_results, args)
+    if args.near_ood is not None and str(args.near_ood).lower() != "none":
+        near_ood_report(predictor, args.near_ood, files if val_results else [], val_results, args)
     return 0
 
 

@@ -65,3 +65,14 @@ def one_torch_thread():
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "dataset")
+
+
+@pytest.fixture(scope="session")
+def dicom_predictor(tmp_path_factory):
+    """ONE tiny Predictor (random-init DenseNet121 at 64 px, with an out-of-scope detector) for the DICOM node
+    tests of every module: building it costs seconds, and the Predictor keeps no per-call state."""
+    from mediscan.devtools.synthetic import write_tiny_checkpoint
+    from mediscan.inference.predictor import Predictor
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("dicom-model") / "m.safetensors", with_ood=True)
+    return Predictor(path, device="cpu", backend="torch")

@@ -316,7 +316,7 @@ def test_pixel_limit_for_a_predictor_built_by_the_app(checkpoint):
     assert client.post("/v1/predict", data=upload(png_bytes(36, 40))).status_code == 200
 
 
-@pytest.mark.parametrize("window_ms, method", [(0, "predict"), (2, "predict_many")])   # batching off / on
+@pytest.mark.parametrize("window_ms, method", [(0, "predict"), (2, "run_prepared")])   # batching off / on
 def test_unexpected_errors_are_500_with_only_a_request_id(predictor, monkeypatch, caplog, window_ms, method):
     client = create_app({"PREDICTOR": predictor, "API_KEY": None, "BATCH_WINDOW_MS": window_ms}).test_client()
 

@@ -50,8 +50,8 @@ def test_requests_that_arrive_together_share_one_forward_pass(predictor, monkeyp
     images = [png(k % 4, k) for k in range(6)]
     expected = [predictor.predict(data, name=f"img{k}") for k, data in enumerate(images)]
     batch_sizes: list[int] = []
-    real = predictor.predict_many
-    monkeypatch.setattr(predictor, "predict_many",
+    real = predictor.run_prepared
+    monkeypatch.setattr(predictor, "run_prepared",
                         lambda items, **kw: batch_sizes.append(len(items)) or real(items, **kw))
     batcher = Batcher(predictor, window_ms=500, max_batch=8)   # a wide window: all six arrive within it
     results = run_together([lambda k=k: batcher.predict(images[k], f"img{k}") for k in range(6)])
@@ -67,8 +67,8 @@ def test_requests_that_arrive_together_share_one_forward_pass(predictor, monkeyp
 
 def test_max_batch_splits_a_crowd(predictor, monkeypatch):
     batch_sizes: list[int] = []
-    real = predictor.predict_many
-    monkeypatch.setattr(predictor, "predict_many",
+    real = predictor.run_prepared
+    monkeypatch.setattr(predictor, "run_prepared",
                         lambda items, **kw: batch_sizes.append(len(items)) or real(items, **kw))
     batcher = Batcher(predictor, window_ms=500, max_batch=2)
     results = run_together([lambda k=k: batcher.predict(png(1, k), "x") for k in range(5)])
@@ -85,7 +85,7 @@ def test_a_bad_image_is_its_own_error_and_a_failed_pass_fails_only_its_batch(pre
 
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
-    monkeypatch.setattr(predictor, "predict_many", broken)
+    monkeypatch.setattr(predictor, "run_prepared", broken)
     failed = run_together([lambda: batcher.predict(good, "a"), lambda: batcher.predict(good, "b")])
     assert all(isinstance(r, BatchFailed) and "RuntimeError" in str(r) for r in failed)
     monkeypatch.undo()
@@ -117,7 +117,57 @@ def test_batching_off_calls_the_predictor_directly(predictor):
     assert r.status_code == 200 and "X-Batch-Size" not in r.headers and "queue" not in r.get_json()["timings_ms"]
 
 
-@pytest.mark.parametrize("kwargs", [{"window_ms": 0}, {"window_ms": 5, "max_batch": 0}])
+@pytest.mark.parametrize("kwargs", [{"window_ms": 0}, {"window_ms": 5, "max_batch": 0}, {"window_ms": 5, "workers": 0}])
 def test_bad_settings_are_refused(predictor, kwargs):
     with pytest.raises(ValueError):
         Batcher(predictor, **kwargs)
+
+
+def test_a_second_batch_runs_while_the_first_is_still_in_the_model(predictor, monkeypatch):
+    """Two workers: the model is never left idle while requests wait for a batch that is still running."""
+    entered, release = threading.Event(), threading.Event()
+    real = predictor.run_prepared
+
+    def first_call_blocks(items, **kw):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(60), "the test never released the first batch"
+        return real(items, **kw)
+    monkeypatch.setattr(predictor, "run_prepared", first_call_blocks)
+    batcher = Batcher(predictor, window_ms=5, max_batch=8, workers=2)
+    first: list = []
+    holder = threading.Thread(target=lambda: first.append(batcher.predict(png(0, 1), "first")))
+    holder.start()
+    assert entered.wait(60)
+    second: list = []
+    other = threading.Thread(target=lambda: second.append(batcher.predict(png(1, 2), "second")))
+    other.start()
+    other.join(20)           # a tiny model answers in well under a second
+    finished_while_blocked = bool(second)
+    release.set()
+    holder.join(60)
+    other.join(60)
+    assert finished_while_blocked, "the second request waited for the first batch to leave the model"
+    assert second[0][0].source == "second" and second[0][1] == 1 and first[0][0].source == "first"
+
+
+def test_decoding_and_preprocessing_run_in_the_request_threads(predictor, monkeypatch):
+    threads: list[str] = []
+    real = predictor.prepare
+    monkeypatch.setattr(predictor, "prepare",
+                        lambda *a, **kw: threads.append(threading.current_thread().name) or real(*a, **kw))
+    batcher = Batcher(predictor, window_ms=300, max_batch=8)
+    results = run_together([lambda k=k: batcher.predict(png(k % 4, k), f"p{k}") for k in range(3)])
+    assert [r[0].source for r in results] == ["p0", "p1", "p2"] and {r[1] for r in results} == {3}
+    assert len(threads) == 3 and not any(name.startswith("mediscan-batcher") for name in threads)
+    assert all(r[0].timings_ms["preprocess"] > 0 for r in results)
+
+
+def test_serve_passes_batch_workers_to_the_batcher_and_refuses_zero(predictor, capsys):
+    from mediscan.apps import serve
+    assert serve.main(["--batch-workers=0"]) == 2 and "--batch-workers" in capsys.readouterr().err
+    chosen = create_app({**serve.app_config(serve.get_args_parser().parse_args(["--batch-workers", "3"])),
+                         "PREDICTOR": predictor})
+    default = create_app({**serve.app_config(serve.get_args_parser().parse_args([])), "PREDICTOR": predictor})
+    assert chosen.extensions["mediscan"].batcher.workers == 3
+    assert default.extensions["mediscan"].batcher.workers == 2          # the documented default (docs/api.md)

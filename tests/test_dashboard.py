@@ -158,7 +158,7 @@ def test_one_upload_shows_prediction_verdict_chart_gradcam_and_downloads(app, ch
     assert labels == ["Download overlay (PNG)", "Download report (JSON)"]
 
 
-def test_several_uploads_get_a_summary_and_a_bad_file_its_own_error(app):
+def test_several_uploads_get_a_summary_and_a_bad_file_its_own_error(app, checkpoint):
     run_ok(app)
     app.file_uploader(key="uploads").set_value([
         ("a.png", png_bytes(0), "image/png"),
@@ -171,8 +171,15 @@ def test_several_uploads_get_a_summary_and_a_bad_file_its_own_error(app):
     assert list(table["File"]) == ["a.png", "notes.png", "b.png"]
     assert table.loc[1, "Verdict"] == "Unreadable" and np.isnan(table.loc[1, "Confidence"])
     assert set(table.loc[[0, 2], "Class"]) <= set(CLASSES)
+    # Each row and each card against the Predictor's own answer for the same bytes (the app's instance):
+    # the table holds the confidence in percent rounded to 0.1, the card its probability_text.
+    predictor = dashboard.load_predictor(str(checkpoint))
+    expected = [predictor.predict(png_bytes(0), name="a.png"), predictor.predict(png_bytes(1, seed=5), name="b.png")]
+    assert list(table.loc[[0, 2], "Class"]) == [p.top_class for p in expected]
+    assert list(table.loc[[0, 2], "Confidence"]) == pytest.approx([round(p.confidence * 100, 1) for p in expected],
+                                                                  abs=1e-6)
     shown = [m.value for m in app.main.metric if m.label == "Calibrated confidence"]
-    assert [float(v.strip("<>%")) for v in shown] == pytest.approx(list(table.loc[[0, 2], "Confidence"]), abs=0.11)
+    assert shown == [dashboard.probability_text(p.confidence) for p in expected]
     assert [s.value for s in app.main.subheader] == ["Summary of 3 images", "a.png", "notes.png", "b.png"]
     errors = [e.value for e in app.error if "notes.png" in e.value]
     assert len(errors) == 1 and errors[0].startswith("Cannot read image 'notes.png'")

@@ -101,6 +101,7 @@ def test_loaded_tensors_are_in_model_range(tiny_dataset):
     splits = scan_dataset(tiny_dataset)
     tensors, bad = load_split(splits.test, 32)
     assert bad == [] and tensors.images.shape == (24, 1, 32, 32)
+    assert tensors.pixels.dtype == torch.uint8 and tensors.pixels.shape == (24, 1, 32, 32)   # 1 byte per pixel
     assert tensors.images.min() >= -1024 and tensors.images.max() <= 1024
     assert tensors.images.max() - tensors.images.min() > 1000    # really spread over the range
 

@@ -1,9 +1,12 @@
 """The DICOM node without an archive: a real Storage SCP (pynetdicom) on a free port, real senders (dcmtk's
-storescu and echoscu, pynetdicom as an SCU), a tiny random-initialised checkpoint, results written to a
-folder and checked with dicom3tools' dciodvfy."""
+storescu and echoscu, pynetdicom as an SCU, over TLS too), a tiny random-initialised checkpoint (one per
+session: the ``dicom_predictor`` fixture), results written to a folder and checked with dicom3tools'
+dciodvfy, a real storage SCP standing in for a destination that comes back."""
 from __future__ import annotations
 
+import contextlib
 import io
+import ssl
 import subprocess
 import time
 
@@ -11,22 +14,22 @@ import numpy as np
 import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, ComprehensiveSRStorage, Verification
+from pynetdicom.sop_class import ComprehensiveSRStorage, ComputedRadiographyImageStorage, Verification
 
-from mediscan.devtools.orthanc import dciodvfy_errors, skip_unless_installed, tools_missing
-from mediscan.devtools.synthetic import FAKE_PATIENT, dicom_study, write_tiny_checkpoint
+from mediscan.devtools.browser import free_port
+from mediscan.devtools.orthanc import dciodvfy_errors, make_tls_certificates, skip_unless_installed, tools_missing
+from mediscan.devtools.synthetic import FAKE_PATIENT, dicom_study
 from mediscan.dicom.node import DicomNode, NodeConfig
 from mediscan.dicom.sender import CStoreDestination
-from mediscan.inference.predictor import Predictor
+from mediscan.dicom.status import read_status
 
 #: SNOMED CT codes of the classes, written out here (not read from the code under test).
 SNOMED = {"lungs": "39607008", "heart": "80891009", "brain": "12738006", "bone": "272673000"}
 
 
-@pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "m.safetensors", with_ood=True)
-    return Predictor(path, device="cpu", backend="torch")
+@pytest.fixture
+def predictor(dicom_predictor):
+    return dicom_predictor
 
 
 @pytest.fixture
@@ -189,17 +192,45 @@ def test_only_allowed_calling_aes_may_associate(node):
     assoc.release()
 
 
-def test_unreachable_destination_is_reported_not_dropped(node, tmp_path):
-    from mediscan.devtools.browser import free_port
+@contextlib.contextmanager
+def storage_scp(port: int, ae_title: str = "ARCHIVE"):
+    """A real pynetdicom Storage SCP on ``port`` (a destination that is up); yields the datasets it received."""
+    from pynetdicom import AllStoragePresentationContexts, evt
 
-    n = node(destination=CStoreDestination("NOBODY", "127.0.0.1", free_port()), attempts=2, backoff=0.01)
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset)
+        return 0x0000
+    ae = AE(ae_title=ae_title)
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield received
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_destination_is_kept_in_the_status_file_and_delivered_when_it_returns(node, tmp_path):
+    port, status_file = free_port(), tmp_path / "status.json"
+    n = node(destination=CStoreDestination("ARCHIVE", "127.0.0.1", port), attempts=2, backoff=0.01,
+             redeliver_every=0.3, status_file=status_file)
     study = dicom_study(1, 2)
     send(n.port, study)
-    wait_until(lambda: n.status()["series_analysed"] == 1)
-    wait_until(lambda: len(n.status()["undelivered"]) == 1)
+    wait_until(lambda: len(read_status(status_file)["undelivered"]) == 1)     # down: kept, and said so
+    status = read_status(status_file)
+    assert status["running"] is True and status["results_delivered"] == 0 and status["series_analysed"] == 1
+    waiting = status["undelivered"][0]
+    assert "association not established" in waiting["last_error"] and waiting["attempts"] >= 2
+    assert study[0].SeriesInstanceUID not in status_file.read_text()            # no UID in clear
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 2                     # and the folder has them
+    with storage_scp(port) as received:                                         # the destination comes back
+        wait_until(lambda: read_status(status_file)["undelivered"] == [], timeout=30)
+        assert sorted(str(ds.SOPClassUID) for ds in received) == ["1.2.840.10008.5.1.4.1.1.7",
+                                                                   "1.2.840.10008.5.1.4.1.1.88.33"]
     summary = n.stop()
-    assert summary["results_delivered"] == 0 and len(summary["undelivered"]) == 1
-    assert len(list((tmp_path / "out").glob("*.dcm"))) == 2      # and the folder still has them
+    assert summary["results_delivered"] == 1 and summary["undelivered"] == []
+    assert read_status(status_file)["running"] is False
 
 
 def test_series_timeout_completes_a_series_and_large_series_are_sampled(node, tmp_path):
@@ -216,44 +247,156 @@ def test_series_timeout_completes_a_series_and_large_series_are_sampled(node, tm
     assert float(sr_items(sr)["MS-ANALYSED"].MeasuredValueSequence[0].NumericValue) == 3
 
 
-def test_command_line_node_serves_and_drains_on_sigterm(tmp_path, predictor):
-    """``python app.py dicom`` as users start it: echo, a series with storescu, SIGTERM -> its results are
-    written and the summary says nothing was lost."""
+def test_command_line_node_reports_undelivered_in_status_and_drains_on_sigterm(tmp_path, predictor, capsys):
+    """``python app.py dicom`` as users start it, sending to an archive that is down: the status file and
+    ``--status`` show the undelivered result while it runs; SIGTERM drains the series of an open association;
+    the exit status and summary say what was not delivered, and the --out folder holds every result."""
     import os
     import signal
     import sys
 
-    from mediscan.devtools.browser import free_port
+    from mediscan.apps.dicom_node import main as dicom_main
     from tests.conftest import ROOT
 
     skip_unless_installed(tools_missing("storescu", "echoscu"))
-    port, out = free_port(), tmp_path / "cli-out"
+    port, out, status_file = free_port(), tmp_path / "cli-out", tmp_path / "node-status.json"
     files = []
-    for k, ds in enumerate(dicom_study(1, 2)):
+    for k, ds in enumerate(dicom_study(2, 2)):
         files.append(str(tmp_path / f"c{k}.dcm"))
         ds.save_as(files[-1], enforce_file_format=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "dicom", "--port", str(port), "--out", str(out),
                              "--checkpoint", str(predictor.checkpoint_path), "--device", "cpu",
-                             "--series-timeout", "60"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--send-to", f"DOWN@127.0.0.1:{free_port()}", "--retries", "0",
+                             "--series-timeout", "60", "--status-file", str(status_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while subprocess.run(["echoscu", "-aec", "MEDISCAN", "127.0.0.1", str(port)],
                              capture_output=True).returncode != 0:
             assert proc.poll() is None and time.monotonic() < deadline, "the node did not come up"
             time.sleep(0.3)
+        run = subprocess.run(["storescu", "-aec", "MEDISCAN", "127.0.0.1", str(port), *files[:2]],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        wait_until(lambda: status_file.exists() and len(read_status(status_file)["undelivered"]) == 1, timeout=90)
+        assert dicom_main(["--status", "--status-file", str(status_file)]) == 1   # something needs attention
+        shown = capsys.readouterr().out
+        assert "running since" in shown and "undelivered: 1 result(s)" in shown and "association not" in shown
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(ComputedRadiographyImageStorage)
         assoc = ae.associate("127.0.0.1", port, ae_title="MEDISCAN")
-        assert all(assoc.send_c_store(f).Status == 0 for f in files)   # the association stays open:
-        proc.send_signal(signal.SIGTERM)                                 # SIGTERM must drain the series
+        assert all(assoc.send_c_store(f).Status == 0 for f in files[2:])   # the association stays open:
+        proc.send_signal(signal.SIGTERM)                                     # SIGTERM must drain the series
         output, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output
-    assert "'series_analysed': 1" in output and "'undelivered': []" in output
-    assert len(list(out.glob("*.dcm"))) == 2
-    assert not any(v in output for v in FAKE_PATIENT.values())
-    assert "1.2.826.0.1.3680043" not in output                   # pydicom's UID root: no UID in clear
+    assert proc.returncode == 1, output                                   # results remain undelivered
+    assert "'series_analysed': 2" in output and "2 undelivered result(s)" in output
+    assert len(list(out.glob("*.dcm"))) == 4                             # ... but none is lost
+    final = read_status(status_file)
+    assert final["running"] is False and len(final["undelivered"]) == 2 and final["pending_series"] == 0
+    assert dicom_main(["--status", "--status-file", str(status_file)]) == 1
+    assert "stopped at" in capsys.readouterr().out
+    assert not any(v in output + status_file.read_text() for v in FAKE_PATIENT.values())
+    assert "1.2.826.0.1.3680043" not in output + status_file.read_text()  # pydicom's UID root: no UID in clear
+
+
+def test_bad_node_options_are_clear_errors(tmp_path, capsys):
+    from mediscan.apps.dicom_node import main as dicom_main
+
+    assert dicom_main(["--out", str(tmp_path), "--tls-cert", str(tmp_path / "no.pem"),
+                       "--tls-key", str(tmp_path / "no.key")]) == 2
+    assert "--tls-cert" in capsys.readouterr().err
+    assert dicom_main(["--out", str(tmp_path), "--tls-key", "k.pem"]) == 2
+    assert "go together" in capsys.readouterr().err
+    assert dicom_main(["--status", "--status-file", str(tmp_path / "none.json")]) == 2
+    assert "No DICOM node status" in capsys.readouterr().err
+
+
+def _tls_client(certs, *, with_certificate: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=certs["ca"])
+    if with_certificate:
+        context.load_cert_chain(certs["client"], certs["client_key"])
+    return context
+
+
+def test_tls_node_serves_tls_clients_with_a_certificate_and_refuses_the_others(node, tmp_path):
+    certs = make_tls_certificates(tmp_path)
+    n = node(tls_cert=certs["server"], tls_key=certs["server_key"], tls_ca=certs["ca"])
+    study = dicom_study(1, 2)
+
+    def associate(tls):
+        ae = AE(ae_title="TLSSCU")
+        ae.acse_timeout = ae.network_timeout = 5
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        return ae.associate("127.0.0.1", n.port, ae_title="MEDISCAN", tls_args=tls)
+    assert not associate(None).is_established                                    # plain DICOM: refused
+    assert not associate((_tls_client(certs, with_certificate=False), "127.0.0.1")).is_established  # no cert
+    assoc = associate((_tls_client(certs, with_certificate=True), "127.0.0.1"))
+    assert assoc.is_established, "a TLS client with a certificate from --tls-ca was refused"
+    try:
+        assert assoc.send_c_echo().Status == 0
+        assert [int(assoc.send_c_store(ds).Status) for ds in study] == [0, 0]
+    finally:
+        assoc.release()
+    wait_until(lambda: n.status()["results_delivered"] == 1)
+    assert len(results(tmp_path / "out")["sr"]) == 1
+
+
+def test_one_association_over_the_limit_is_rejected_and_the_others_are_served(node):
+    n = node(max_associations=2)
+
+    def associate():
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        return ae.associate("127.0.0.1", n.port, ae_title="MEDISCAN")
+    first, second = associate(), associate()
+    assert first.is_established and second.is_established
+    try:
+        third = associate()
+        assert third.is_rejected and not third.is_established                  # over the limit
+        study = dicom_study(2, 1)
+        assert first.send_c_store(study[0]).Status == 0 and second.send_c_store(study[1]).Status == 0
+    finally:
+        first.release()
+    wait_until(lambda: len(n.ae.active_associations) < 2, timeout=10)
+    fourth = associate()                                                        # room again once one ended
+    assert fourth.is_established and fourth.send_c_echo().Status == 0
+    fourth.release()
+    second.release()
+
+
+def test_series_stopped_by_the_modality_gate_is_out_of_scope_and_mixed_ones_average_the_rest(node, predictor,
+                                                                                           tmp_path):
+    skip_unless_installed(tools_missing("dciodvfy"))
+    n = node()
+    study = dicom_study(2, 3)
+    for ds in study[:3]:
+        ds.Modality = "MG"                   # mammography: not among the checkpoint's default modalities
+    study[5].Modality = "MG"                 # the second series: one stopped, two analysed
+    assert all(status == 0 for status, _ in send(n.port, study))
+    wait_until(lambda: n.status()["results_delivered"] == 2)
+    found = results(tmp_path / "out")
+    srs = {str(sr_items(ds)["112002"].UID): (path, ds) for path, ds in found["sr"]}   # by source series UID
+    gated_path, gated = srs[study[0].SeriesInstanceUID]
+    items = sr_items(gated)
+    assert items["MS-VERDICT"].ConceptCodeSequence[0].CodeValue == "OUT_OF_SCOPE"
+    assert "MG" in items["MS-REASON"].TextValue and "363698007" not in items
+    assert not any(code.startswith("MS-P-") for code in items) and "MS-HEADER" not in items
+    assert float(items["MS-GATED"].MeasuredValueSequence[0].NumericValue) == 3
+    assert float(items["MS-ANALYSED"].MeasuredValueSequence[0].NumericValue) == 0
+    _, mixed = srs[study[3].SeriesInstanceUID]
+    items = sr_items(mixed)
+    assert float(items["MS-ANALYSED"].MeasuredValueSequence[0].NumericValue) == 2
+    assert float(items["MS-GATED"].MeasuredValueSequence[0].NumericValue) == 1
+    reference = [predictor.predict(part10(ds)).probabilities for ds in study[3:5]]   # the two analysed ones
+    for c in predictor.classes:
+        assert float(items[f"MS-P-{c.upper()}"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+            np.mean([r[c] for r in reference]), abs=1e-5)
+    for path, ds in found["sc"] + [(gated_path, gated)]:
+        assert dciodvfy_errors(path) == [], path
+    assert any("not analysed" in ds.SeriesDescription for _, ds in found["sc"])

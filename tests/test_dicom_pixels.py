@@ -209,3 +209,13 @@ def test_shared_functional_group_applies_when_a_frame_has_none():
                           PerFrameFunctionalGroupsSequence=[item(), item()])).pixels
     units = 2.0 * stored[0] - 1000.0
     np.testing.assert_allclose(px, stretch(1.0 / (1.0 + np.exp(-4.0 * units / 400.0))), atol=1e-6)
+
+
+def test_a_window_in_the_functional_groups_applies_without_a_rescale_macro():
+    """Enhanced files may carry a FrameVOILUTSequence and no PixelValueTransformationSequence (no rescale)."""
+    stored = np.stack([tiled(STORED), tiled(STORED)])
+    per_frame = [item(FrameVOILUTSequence=[item(WindowCenter=500, WindowWidth=201)]), item()]
+    px = read_image(dicom(stored, frames=2, PerFrameFunctionalGroupsSequence=per_frame)).pixels
+    np.testing.assert_allclose(px, linear(stored[0].astype(np.float64), 500, 201), atol=1e-6)
+    by_stored = dict(zip(stored[0].ravel().tolist(), px.ravel().tolist()))
+    assert by_stored[450] == pytest.approx(0.2525, abs=1e-6) and by_stored[380] == 0.0 and by_stored[620] == 1.0

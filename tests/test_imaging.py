@@ -321,11 +321,20 @@ def test_wrong_argument_type_is_a_type_error():
 
 
 def test_dicom_monochrome2_16bit_with_rescale():
+    """Slope 2, intercept -1024, window 0 / 1001: a window fixed in rescaled units, so the final min-max
+    stretch cannot cancel a wrong slope or intercept (without a window it would: see test_dicom_pixels)."""
     arr = RNG.integers(0, 4096, (H, W)).astype(np.uint16)
-    img = read_image(make_dicom(arr, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024), name="cr.dcm")
+    arr[0, :5] = [0, 400, 512, 600, 4095]
+    img = read_image(make_dicom(arr, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024,
+                                WindowCenter=0, WindowWidth=1001), name="cr.dcm")
     check_output(img)
     assert (img.format, img.bit_depth, img.modality, img.source) == ("DICOM", 16, "CR", "cr.dcm")
-    np.testing.assert_allclose(img.pixels, stretched(arr), atol=1e-6)
+    # By hand (PS3.3 C.11.2.1.2.1, LINEAR): units u = 2 s - 1024; u <= -500.5 -> 0, u > 499.5 -> 1,
+    # else (u + 0.5) / 1000 + 0.5. Stored 400, 512, 600 -> u = -224, 0, 176.
+    assert img.pixels[0, :5].tolist() == pytest.approx([0.0, 0.2765, 0.5005, 0.6765, 1.0], abs=1e-6)
+    units = 2.0 * arr - 1024.0
+    expected = np.clip((units + 0.5) / 1000 + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
 
 
 def test_dicom_window_is_applied_after_rescale():
@@ -403,6 +412,30 @@ def test_dicom_rgb_becomes_grayscale():
     assert img.colourfulness > 0.3
     gray = np.repeat(rgb[..., :1], 3, axis=-1)
     assert read_image(make_dicom(gray, photometric="RGB")).colourfulness == 0.0
+
+
+def test_dicom_grayscale_has_no_colour_and_large_or_ybr_colour_decodes():
+    """Monochrome DICOM has colourfulness 0; an RGB image wider than the colour sample (every k-th pixel
+    measured) still decodes; YBR_FULL gives the luminance of the RGB it encodes (pydicom's conversion)."""
+    from pydicom.pixels import convert_color_space
+    assert read_image(make_dicom(RNG.integers(0, 4096, (H, W)).astype(np.uint16), bits_stored=12)).colourfulness == 0.0
+    big = np.zeros((60, 600, 3), np.uint8)
+    big[..., 0] = 255                                                  # pure red, 600 px wide
+    img = read_image(make_dicom(big, photometric="RGB"))
+    assert img.pixels.shape == (60, 600) and img.colourfulness == pytest.approx(colourfulness(big / 255.0), rel=1e-6)
+    rgb = RNG.integers(0, 256, (H, W, 3)).astype(np.uint8)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    px = read_image(make_dicom(ybr, photometric="YBR_FULL")).pixels
+    np.testing.assert_allclose(px, read_image(make_dicom(rgb, photometric="RGB")).pixels, atol=0.02)
+
+
+def test_dicom_16bit_rgb_colourfulness_is_measured_on_its_bits_stored_scale():
+    """RGB stored in 16 bits is the same picture as its 8-bit version: the same colourfulness, not 257x."""
+    rgb = RNG.integers(0, 256, (H, W, 3)).astype(np.uint8)
+    img = read_image(make_dicom(rgb.astype(np.uint16) * 257, photometric="RGB"))
+    check_output(img)
+    assert img.colourfulness == pytest.approx(colourfulness(rgb / 255.0), rel=1e-4)
+    assert img.colourfulness == pytest.approx(read_image(make_dicom(rgb, photometric="RGB")).colourfulness, rel=1e-4)
 
 
 @pytest.mark.parametrize("lut_bits", [8, 16])

@@ -6,6 +6,10 @@ Nothing here derives an expected value from ``mediscan.evaluation.metrics`` itse
 """
 from __future__ import annotations
 
+import json
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +68,9 @@ def reference_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def test_classification_metrics_match_scikit_learn(seed):
     logits, labels = random_problem(seed)
     temperature = 1.7
-    got = classification_metrics(torch.from_numpy(logits), torch.from_numpy(labels), CLASSES, temperature)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # e.g. softmax without dim= (deprecated, and wrong for 1-D)
+        got = classification_metrics(torch.from_numpy(logits), torch.from_numpy(labels), CLASSES, temperature)
 
     probs = softmax(logits.astype(np.float64), axis=1)
     calibrated = softmax(logits.astype(np.float64) / temperature, axis=1)
@@ -146,6 +152,10 @@ def test_confusion_matrix_matches_scikit_learn():
     np.testing.assert_array_equal(confusion_matrix(labels, pred, 5),
                                   skm.confusion_matrix(labels, pred, labels=range(5)))
     assert confusion_matrix(np.array([1]), np.array([0]), 3).tolist() == [[0, 0, 0], [1, 0, 0], [0, 0, 0]]
+    assert np.issubdtype(confusion_matrix(labels, pred, 5).dtype, np.integer)
+    logits, labels = random_problem(0, n=40)
+    got = classification_metrics(torch.from_numpy(logits), torch.from_numpy(labels), CLASSES)
+    assert ".0" not in json.dumps(got["confusion_matrix"])      # counts in metrics.json, not floats
 
 
 def test_ece_weights_each_bin_by_its_size():
@@ -194,3 +204,54 @@ def test_temperature_is_clamped_and_never_worse_than_none():
     before = logits.clone()
     fit_temperature(logits, torch.from_numpy(random_problem(9)[1]))
     assert torch.equal(logits, before)
+
+
+def test_f1_when_precision_equals_recall():
+    """Hand-computed: labels 0 0 1 1 2, predictions 0 1 0 1 2. Classes 0 and 1: one right, one missed, one
+    wrongly claimed -> precision = recall = F1 = 1/2; class 2: all 1; class 3 absent: 0."""
+    labels = np.array([0, 0, 1, 1, 2])
+    logits = torch.from_numpy(np.eye(4, dtype=np.float32)[[0, 1, 0, 1, 2]] * 5)
+    got = classification_metrics(logits, torch.from_numpy(labels), CLASSES)
+    for name, expected in (("bone", 0.5), ("brain", 0.5), ("heart", 1.0), ("lungs", 0.0)):
+        per = got["per_class"][name]
+        assert (per["precision"], per["recall"], per["f1"]) == pytest.approx((expected,) * 3, abs=1e-12), name
+    assert got["macro_f1"] == pytest.approx(0.5, abs=1e-12) and got["accuracy"] == pytest.approx(0.6, abs=1e-12)
+
+
+def test_temperature_of_a_single_sample_is_fitted_too():
+    """One confidently wrong sample: NLL falls as T grows, so the fit ends at the upper clamp (20)."""
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    assert reference_temperature(logits.numpy(), np.array([1])) == pytest.approx(20.0, rel=1e-4)
+    assert fit_temperature(logits, torch.tensor([1])) == pytest.approx(20.0, rel=1e-6)
+
+
+def test_max_iter_bounds_the_optimiser():
+    """One L-BFGS iteration stops well short of the minimiser that the default (100) reaches."""
+    logits, labels = random_problem(7, n=500, scale=0.4)
+    expected = reference_temperature(logits, labels)
+    short = fit_temperature(torch.from_numpy(logits), torch.from_numpy(labels), max_iter=1)
+    assert abs(short - expected) > 0.1
+    assert fit_temperature(torch.from_numpy(logits), torch.from_numpy(labels)) == pytest.approx(expected, rel=1e-3)
+
+
+class _Overshooting:
+    """An optimiser that ends at T = 20 whatever the loss (as a line search may on a flat or noisy NLL)."""
+
+    def __init__(self, params, **_):
+        self.params = list(params)
+
+    def zero_grad(self):
+        pass
+
+    def step(self, closure):
+        closure()
+        with torch.no_grad():
+            self.params[0].fill_(math.log(20.0))
+
+
+def test_a_fit_worse_than_no_scaling_falls_back_to_one(monkeypatch):
+    rng = np.random.default_rng(8)
+    labels = torch.from_numpy(rng.integers(0, 4, 300))
+    timid = torch.from_numpy((np.eye(4)[labels.numpy()] * 2.0).astype(np.float32))   # best T < 1; T = 20 is worse
+    monkeypatch.setattr(torch.optim, "LBFGS", _Overshooting)
+    assert fit_temperature(timid, labels) == 1.0

@@ -357,3 +357,43 @@ def test_the_rule_is_written_once_and_an_old_stored_rule_still_loads(layered):
     scores = detector.score(val)
     assert torch.equal(detector.flag(scores), scores > detector.threshold)
     assert torch.equal(detector.is_out_of_scope(val), scores > detector.threshold)
+
+
+# ------------------------------------------------------------------ energy part (outlier-exposure checkpoints)
+
+def _energy_fit(seed: int = 0):
+    train, train_labels = clustered(400, 6, seed)
+    val, _ = clustered(200, 6, seed + 1)
+    val_logits = torch.randn(200, N_CLASSES, generator=torch.Generator().manual_seed(seed + 2)) * 3
+    return fit_ood(train, train_labels, val, val_logits=val_logits), val, val_logits
+
+
+def test_the_energy_part_is_scaled_by_its_validation_percentile_and_joins_the_max():
+    detector, val, val_logits = _energy_fit()
+    energy = -torch.logsumexp(val_logits.double(), 1)               # independent of the module's helper
+    assert detector.energy_scale == pytest.approx(float(np.quantile(energy.numpy(), 0.95, method="higher")))
+    parts = detector.layer_scores(val, val_logits)
+    assert set(parts) == {FINAL_LAYER, "energy"}
+    assert torch.allclose(parts["energy"], energy - detector.energy_scale + 1.0, atol=1e-5)
+    expected = torch.maximum(only_layer_scores(detector, val), energy - detector.energy_scale + 1.0)
+    assert torch.allclose(detector.score(val, val_logits).double(), expected, atol=1e-4)
+    assert float(detector.is_out_of_scope(val, val_logits).float().mean()) <= 0.05
+    flat = torch.full((1, N_CLASSES), -20.0)                        # no class wants it: very high energy
+    assert bool(detector.is_out_of_scope(val[:1] * 0 + val.mean(0), flat)[0])
+
+
+def only_layer_scores(detector: OODDetector, features: torch.Tensor) -> torch.Tensor:
+    layer = detector.layers[FINAL_LAYER]
+    return layer.distance(features) / layer.scale
+
+
+def test_the_energy_part_round_trips_and_needs_the_logits():
+    detector, val, val_logits = _energy_fit(3)
+    again = OODDetector.from_checkpoint(detector.to_tensors(), {"ood": json.loads(json.dumps(detector.to_meta()))})
+    assert again.energy_scale == pytest.approx(detector.energy_scale)
+    assert torch.equal(again.score(val, val_logits), detector.score(val, val_logits))
+    assert "energy" in detector.rule()
+    with pytest.raises(ValueError, match="pass the logits"):
+        detector.score(val)
+    plain = fit_ood(*clustered(400, 6, 3), clustered(200, 6, 4)[0])
+    assert plain.energy_scale is None and "energy" not in plain.to_meta()

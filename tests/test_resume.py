@@ -8,6 +8,7 @@ history are compared with the uninterrupted run of the same seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mediscan.core.checkpoint import read_metadata
+from mediscan.core.checkpoint import CheckpointError, read_metadata
+from mediscan.core.dataset import scan_dataset
 from mediscan.devtools.synthetic import make_dataset
 from mediscan.training.fit import TrainConfig, fit
+from mediscan.core.checkpoint import BackgroundCheckpointWriter, new_metadata
+from mediscan.core.model import build_model
+from mediscan.core.preprocessing import PreprocessConfig
+from mediscan.training.epochs import make_optimizer
+from mediscan.training.resume import _checked_metadata, optimizer_tensors, restore_optimizer, resume, save_epoch
 
 TINY = dict(weights="none", input_size=32, head_epochs=2, finetune_epochs=2, batch_size=8, progress=False,
             workers=1, gallery=False, augment=True, seed=3)
@@ -95,3 +102,108 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(data, uninter
     # And the interrupted state really was part-way: resuming changed the weights.
     before = load_file(str(interrupted_copy))
     assert not torch.equal(before["model.head.fc.weight"], names["model.head.fc.weight"])
+
+
+# -------------------------------------------------------------------------------------------- fast unit checks
+
+def adam_after_steps(steps: int, seed: int = 0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.8, 0.95))
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net, optimizer, (x, y)
+
+
+def test_optimizer_state_round_trip_continues_like_the_original():
+    """Adam's state through optimizer_tensors / restore_optimizer (what last.safetensors carries), compared
+    with torch's own state_dict, and one more step on each copy gives the same weights."""
+    net, optimizer, (x, y) = adam_after_steps(3)
+    tensors, groups = optimizer_tensors(optimizer)
+    tensors = {name: value.clone() for name, value in tensors.items()}   # as read back from the file
+    reference = optimizer.state_dict()
+    assert set(tensors) == {f"optim.{pid}.{key}" for pid, entry in reference["state"].items() for key in entry}
+    assert len(tensors) == 3 * 4                           # 4 parameters x (step, exp_avg, exp_avg_sq)
+    copy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    copy.load_state_dict(net.state_dict())
+    fresh = torch.optim.Adam(copy.parameters(), lr=0.5)     # wrong lr and betas: the groups must restore them
+    restore_optimizer(fresh, {**tensors, "model.head.fc.weight": torch.zeros(1)}, groups)   # non-optim ignored
+    restored = fresh.state_dict()
+    assert restored["param_groups"] == reference["param_groups"]
+    for pid, entry in reference["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(restored["state"][pid][key], value), (pid, key)
+    for model, opt in ((net, optimizer), (copy, fresh)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for a, b in zip(net.parameters(), copy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_a_checkpoint_of_other_classes_or_other_files(data, tmp_path):
+    splits, config, _, _ = _saved_after(1, data, tmp_path / "m")
+    assert _checked_metadata(config.last_path, splits, config)["epoch"] == 1
+    renamed = dataclasses.replace(splits, classes=["a", "b", "c", "d"])
+    with pytest.raises(CheckpointError, match=r"was trained on classes \['bone', 'brain', 'heart', 'lungs'\], "
+                                              r"the dataset now has \['a', 'b', 'c', 'd'\]"):
+        _checked_metadata(config.last_path, renamed, config)
+    changed = dataclasses.replace(splits, fingerprint={**splits.fingerprint, "sha256": "0" * 64})
+    with pytest.raises(CheckpointError, match="changed since .* was written; start a new run"):
+        _checked_metadata(config.last_path, changed, config)
+    missing = dataclasses.replace(config, out=str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match="--resume: no .*last.safetensors to resume from"):
+        _checked_metadata(missing.last_path, splits, missing)
+
+
+def _saved_after(epoch: int, data: Path, out: Path):
+    """A model and optimizer of ``epoch``'s stage after two Adam steps, saved by save_epoch as training does."""
+    splits = scan_dataset(data)
+    config = TrainConfig(data=str(data), out=str(out), resume=True, **TINY)
+    torch.manual_seed(epoch)
+    model, _ = build_model(4, "none")
+    stage = config.stage_of(epoch)
+    optimizer = make_optimizer(model, stage, config)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.head.fc(torch.randn(5, model.head.fc.in_features)).square().mean().backward()
+        optimizer.step()
+    meta = new_metadata(splits.classes, PreprocessConfig(32), "none", dataset_fingerprint=splits.fingerprint)
+    history = [{"epoch": e} for e in range(1, epoch + 1)]
+    writer = BackgroundCheckpointWriter()
+    save_epoch(writer, model, optimizer, meta, {"epoch": epoch, "stage": stage}, {"epoch": 1}, history, True, config)
+    writer.close()
+    return splits, config, model, optimizer
+
+
+@pytest.mark.parametrize("epoch", [1, 2, 4], ids=["inside-stage-1", "end-of-stage-1", "finished"])
+def test_resume_restores_weights_and_the_optimizer_of_the_stage_it_continues(data, tmp_path, epoch):
+    """Epoch 1 of 2 + 2: stage 1 goes on with its Adam state. Epoch 2 ends stage 1: stage 2 starts with a
+    fresh Adam over every parameter. Epoch 4 (a finished run, extended by --finetune-epochs): stage 2 goes on."""
+    splits, config, model, optimizer = _saved_after(epoch, data, tmp_path)
+    assert read_metadata(config.best_path)["epoch"] == epoch
+    torch.manual_seed(99)
+    fresh, _ = build_model(4, "none")
+    lines: list[str] = []
+    first, history, best, restored = resume(fresh, splits, config, torch.device("cpu"), lines.append, False)
+    assert (first, history, best) == (epoch + 1, [{"epoch": e} for e in range(1, epoch + 1)], {"epoch": 1})
+    assert lines == [f"resuming after epoch {epoch} from {config.last_path}"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, fresh.state_dict()[name]), name
+    continues = epoch != 2
+    stage = 1 if epoch == 1 else 2
+    assert all(p.requires_grad == (stage == 2) for p in fresh.features.parameters())
+    group = restored.param_groups[0]
+    assert len(group["params"]) == (2 if stage == 1 else len(list(fresh.parameters())))
+    assert group["lr"] == (config.head_lr if stage == 1 else config.finetune_lr)
+    state, reference = restored.state_dict()["state"], optimizer.state_dict()["state"]
+    if not continues:
+        assert state == {}
+        return
+    assert sorted(state) == sorted(reference) and state
+    for pid, entry in reference.items():
+        for key, value in entry.items():
+            assert torch.equal(state[pid][key], value), (pid, key)

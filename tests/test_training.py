@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
+from sklearn import metrics as skm
 
 import densenet121_xray_classifier as cli
 from conftest import ROOT
@@ -16,6 +18,7 @@ from mediscan.core.checkpoint import load_checkpoint, read_metadata
 from mediscan.core.dataset import load_split, scan_dataset
 from mediscan.devtools.synthetic import make_dataset
 from mediscan.training.fit import TrainConfig, fit, is_better
+from test_metrics import reference_ece, reference_temperature
 
 FAST = dict(weights="none", input_size=32, head_epochs=3, finetune_epochs=1, batch_size=8,
             progress=False, workers=1)
@@ -62,12 +65,26 @@ def test_best_checkpoint_carries_metadata_and_reproduces_its_metrics(trained):
     assert [layer["name"] for layer in meta["ood"]["layers"]] == ["denseblock1", "norm5"]
     assert {"ood.denseblock1.means", "ood.norm5.precision"} <= set(loaded.extra)
     assert "torch" in meta["versions"] and meta["weight_source"].startswith("none")
-    # The same predictions come back from the file: recompute test accuracy with the loaded model.
+    # The report's figures, recomputed from the loaded model's logits by scikit-learn / scipy (never by
+    # mediscan.evaluation): metrics.json, the checkpoint's headline, and the temperature fitted on val.
     splits = scan_dataset(config.data)
-    test, _ = load_split(splits.test, meta["preprocessing"]["input_size"])
+    size = meta["preprocessing"]["input_size"]
+    (test, _), (val, _) = load_split(splits.test, size), load_split(splits.val, size)
     with torch.no_grad():
-        accuracy = (loaded.model(test.images).argmax(1) == test.labels).float().mean().item()
-    assert accuracy == pytest.approx(meta["metrics"]["test"]["accuracy"])
+        logits, val_logits = loaded.model(test.images).double().numpy(), loaded.model(val.images).double().numpy()
+    y, k = test.labels.numpy(), list(range(4))
+    probs, pred = softmax(logits, axis=1), logits.argmax(1)
+    reported = json.loads((Path(config.out) / "metrics.json").read_text())["test"]
+    expected = {"accuracy": skm.accuracy_score(y, pred), "macro_f1": skm.f1_score(y, pred, average="macro"),
+                "macro_roc_auc": skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"),
+                "ece": reference_ece(probs, y), "ece_calibrated": reference_ece(softmax(logits / meta["temperature"], 1), y)}
+    for key, value in expected.items():
+        assert reported[key] == pytest.approx(value, abs=1e-5), key
+        assert meta["metrics"]["test"][key] == pytest.approx(value, abs=1e-5), key
+    assert reported["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=k).tolist()
+    assert reported["nll_calibrated"] == pytest.approx(
+        skm.log_loss(y, softmax(logits / meta["temperature"], axis=1), labels=k), abs=1e-5)
+    assert meta["temperature"] == pytest.approx(reference_temperature(val_logits, val.labels.numpy()), rel=1e-2)
 
 
 def test_best_is_the_best_validation_epoch(trained):
@@ -105,19 +122,6 @@ def test_frozen_stage_keeps_backbone_and_its_batchnorm_statistics(tmp_path, monk
     for later in snapshots[1:]:
         for key, value in snapshots[0].items():
             assert torch.equal(value, later[key]), key      # weights AND BatchNorm running statistics
-
-
-def test_resume_continues_where_the_run_stopped(trained, tmp_path):
-    config, result, _ = trained
-    import shutil
-    out = tmp_path / "resumed"
-    shutil.copytree(config.out, out)
-    longer = TrainConfig(**{**config.__dict__, "out": str(out), "finetune_epochs": 2, "resume": True})
-    lines: list[str] = []
-    resumed = fit(longer, log=lines.append)
-    assert "resuming after epoch 4" in "\n".join(lines)
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
-    assert resumed.history[:4] == result.history
 
 
 def test_resume_refuses_a_changed_dataset(trained, tmp_path):

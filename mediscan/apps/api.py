@@ -34,6 +34,7 @@ Config keys (``create_app(config)``; defaults in :data:`DEFAULTS`):
 ``BATCH_WINDOW_MS``   adaptive batching of concurrent ``/v1/predict`` calls without a heatmap
                       (:mod:`mediscan.apps.batching`): how long a request waits for others; 0 = off.
 ``MAX_BATCH``         most images per shared forward pass (``None`` = the Predictor's batch size).
+``BATCH_WORKERS``     shared forward passes that may run at once (2: one is collected while the other runs).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "HEATMAP_GRID": 16,
     "BATCH_WINDOW_MS": 2.0,
     "MAX_BATCH": None,
+    "BATCH_WORKERS": 2,
 }
 ENV_API_KEY = "MEDISCAN_API_KEY"
 _MAX_GRID = 64
@@ -116,7 +118,8 @@ def _load_service(config) -> Service:
     if error:
         log.warning("%s", error)
     window = float(config.get("BATCH_WINDOW_MS") or 0)
-    batcher = Batcher(predictor, window, config.get("MAX_BATCH")) if predictor is not None and window > 0 else None
+    batcher = (Batcher(predictor, window, config.get("MAX_BATCH"), workers=int(config.get("BATCH_WORKERS") or 2))
+               if predictor is not None and window > 0 else None)
     return Service(predictor, error, batcher)
 
 

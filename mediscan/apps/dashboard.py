@@ -37,6 +37,7 @@ from mediscan import NOT_FOR_CLINICAL_USE, __version__
 from mediscan.apps.dashboard_content import (
     ImageResult,
     analysis_report,
+    dicom_facts,
     faithfulness_sentence,
     file_stem,
     percent,
@@ -69,7 +70,7 @@ from mediscan.inference.predictor import (
 
 __all__ = [
     "render", "load_predictor", "ExplanationCache", "ImageResult", "analysis_report", "probability_chart",
-    "summary_table", "faithfulness_sentence", "probability_text", "UPLOAD_TYPES", "DATASET_LAYOUT",
+    "summary_table", "faithfulness_sentence", "dicom_facts", "probability_text", "UPLOAD_TYPES", "DATASET_LAYOUT",
 ]
 
 PAGE_TITLE = "MediScan: X-ray organ classifier"
@@ -148,7 +149,8 @@ def render_model_card(card: dict) -> None:
     side.markdown(f"**Classes:** {', '.join(card['classes'])}  \n"
                   f"**Weights:** {card.get('weight_source') or 'unknown'}  \n"
                   f"**Trained:** {training_date(card.get('created'))}  \n"
-                  f"**Input:** {card.get('input_size')} px · **Device:** {card.get('device')}")
+                  f"**Input:** {card.get('input_size')} px · **Device:** {card.get('device')}  \n"
+                  f"**DICOM modalities:** {', '.join(card.get('modalities') or []) or 'unknown'}")
     side.metric("Test accuracy", percent(card.get("test_accuracy")),
                     help="Share of the held-out test images classified correctly when the model was trained.")
     side.metric("Calibration error (ECE)", percent(card.get("ece")),
@@ -227,6 +229,10 @@ def render_result(predictor: Predictor, result: ImageResult) -> None:
             st.error(result.error)
             return
         prediction = result.prediction
+        if not prediction.analysed:        # stopped by the modality gate: no probabilities, no heatmap
+            render_verdict(prediction)
+            render_dicom(prediction)
+            return
         left, right = st.columns([2, 3], gap="large")
         with left:
             render_prediction(prediction)
@@ -244,8 +250,15 @@ def render_prediction(prediction: Prediction) -> None:
                       help="Temperature-scaled probability: of many images given this confidence, about "
                            "this share should be right.")
     render_verdict(prediction)
+    render_dicom(prediction)
     for note in prediction.warnings:
         st.caption(f"Note: {note}")
+
+
+def render_dicom(prediction: Prediction) -> None:
+    """Modality, BodyPartExamined and the header check of a DICOM upload (never a patient field)."""
+    for line in dicom_facts(prediction):
+        st.markdown(line)
 
 
 def render_verdict(prediction: Prediction) -> None:
@@ -253,6 +266,8 @@ def render_verdict(prediction: Prediction) -> None:
     reason = prediction.verdict_reason
     if prediction.verdict == "confident":
         st.success(f"**Confident.** {reason}", icon=":material/check_circle:")
+    elif not prediction.analysed:
+        st.error(f"**Out of scope: not analysed.** {reason}", icon=":material/block:")
     elif prediction.verdict == "uncertain":
         st.warning(f"**Uncertain: treat this answer as a guess.** {reason}", icon=":material/help:")
     else:

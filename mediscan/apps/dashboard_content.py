@@ -76,13 +76,34 @@ def summary_table(results: list[ImageResult]) -> pd.DataFrame:
     rows = []
     for result in results:
         prediction = result.prediction
+        analysed = prediction is not None and prediction.analysed
         rows.append({
             "File": result.name,
-            "Class": prediction.top_class if prediction else "-",
-            "Confidence": round(prediction.confidence * 100, 1) if prediction else None,
+            "Class": prediction.top_class if analysed else ("not analysed" if prediction else "-"),
+            "Confidence": round(prediction.confidence * 100, 1) if analysed else None,
             "Verdict": VERDICT_LABELS[prediction.verdict if prediction else "error"],
         })
     return pd.DataFrame(rows, columns=["File", "Class", "Confidence", "Verdict"])
+
+
+#: How the dashboard words each header-check status (:data:`mediscan.core.dicom_header.STATUSES`).
+HEADER_CHECK_LABELS = {"agrees": "agrees with the prediction", "disagrees": "disagrees with the prediction",
+                       "no_header": "no body part in the header", "not_mapped": "header value not in the mapping table"}
+
+
+def dicom_facts(prediction: Prediction) -> list[str]:
+    """Markdown lines for a DICOM upload: Modality, BodyPartExamined and the header check with the value it
+    read (nothing for other uploads; never a patient field or a UID)."""
+    if prediction.dicom is None:
+        return []
+    header = prediction.dicom
+    lines = [(f"**DICOM header:** Modality `{header.get('modality') or '(empty)'}`, BodyPartExamined "
+              f"`{header.get('body_part_examined') or '(empty)'}`")]
+    check = prediction.header_check
+    if check is not None:
+        based = f" ({check['field']} `{check['value']}`)" if check.get("field") else ""
+        lines.append(f"**Header check:** {check['status']}: {HEADER_CHECK_LABELS.get(check['status'], '')}{based}")
+    return lines
 
 
 def faithfulness_sentence(explanation: Explanation) -> tuple[float, str] | None:
@@ -114,10 +135,13 @@ def _change(drop: float, what: str) -> str:
 def analysis_report(file_name: str, explanation: Explanation, card: dict, *, opacity: float) -> dict:
     """The JSON report of one analysis: file name, model output, explanation and model identity.
 
-    Holds no DICOM header field and no pixel data: only the upload's name and what the model said.
+    Holds no pixel data and no patient field; of a DICOM header only Modality and BodyPartExamined (with the
+    header check), never a UID: only the upload's name and what the model said.
     """
     prediction = explanation.prediction.to_dict()
     prediction.pop("source", None)   # the upload name is reported once, as file_name
+    if prediction.get("dicom") is not None:
+        prediction["dicom"] = {key: prediction["dicom"].get(key) for key in ("modality", "body_part_examined")}
     model_fields = ("checkpoint", "architecture", "weight_source", "created", "classes", "input_size",
                     "temperature", "test_accuracy", "ece", "out_of_scope_check", "trained_with_version")
     return {

@@ -4,12 +4,17 @@
     python app.py dicom --send-to ORTHANC@127.0.0.1:4242                 # C-STORE them back into the PACS
     python app.py dicom --send-to http://127.0.0.1:8042/dicom-web        # or STOW-RS them
     python app.py dicom --port 11112 --allow ORTHANC@127.0.0.1 --max-slices 16 --series-timeout 10
+    python app.py dicom --status [--port 11112 | --status-file FILE]     # what is pending / undelivered
 
 A Storage SCP (AE title MEDISCAN, port 11112, bound to 127.0.0.1 unless --host says otherwise) that answers
 C-ECHO, analyses each received series and sends back a Secondary Capture (Grad-CAM overlay, label,
 verdict, "NOT FOR DIAGNOSTIC USE") and a Structured Report. SIGTERM / Ctrl-C stops receiving, analyses
 what is pending, delivers, and prints the summary (what could not be delivered, if anything). Exit code 0,
 or 1 when results remain undelivered, 2 for bad options, 3 without a model. Not a medical device.
+
+The node keeps a status file up to date (:mod:`mediscan.dicom.status`); ``--status`` prints it from
+another shell and exits 0 when nothing waits or failed, 1 when results are undelivered, series failed or
+the node died, 2 when there is no status file. Full guide: docs/dicom.md.
 """
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ from pathlib import Path
 
 from mediscan import NOT_FOR_CLINICAL_USE, __version__
 from mediscan.apps.exit_codes import EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_OK
-from mediscan.core.checkpoint import CheckpointError
 from mediscan.core.dicom_header import HeaderMapError, HeaderMapping
-from mediscan.dicom.node import DicomNode, NodeConfig
+from mediscan.dicom.node import DicomNode, NodeConfig, tls_context
 from mediscan.dicom.sender import parse_destination
+from mediscan.dicom.status import StatusError, default_status_path, describe, needs_attention, read_status
 
 log = logging.getLogger("mediscan.dicom")
 
@@ -63,6 +68,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-map", type=Path, help="JSON file overriding the header-check mapping table")
     p.add_argument("--retries", type=int, default=d.attempts - 1,
                    help=f"delivery retries, with exponential backoff (default: {d.attempts - 1})")
+    p.add_argument("--redeliver-every", type=float, default=d.redeliver_every,
+                   help=f"seconds between attempts to deliver results still waiting (default: {d.redeliver_every:g})")
+    p.add_argument("--status-file", type=Path,
+                   help="where the node keeps its status (default: $XDG_STATE_HOME/mediscan/dicom-node-PORT.json)")
+    p.add_argument("--status", action="store_true",
+                   help="print the status of the node on --port (or --status-file) and exit")
     return p
 
 
@@ -82,14 +93,17 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     positive = {"--max-associations": args.max_associations, "--series-timeout": args.series_timeout,
                 "--max-slices": args.max_slices, "--max-instance-mb": args.max_instance_mb,
                 "--max-held-mb": args.max_held_mb}
+    positive["--redeliver-every"] = args.redeliver_every
     bad = [name for name, value in positive.items() if not value > 0]
     if bad:
         raise ValueError(f"{', '.join(bad)} must be positive")
     if args.send_to is None and args.out is None:
         raise ValueError("say where the results go: --send-to AET@host:port, --send-to http(s)://.../dicom-web, "
                          "or --out DIR")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_ca and not args.tls_cert):
+        raise ValueError("--tls-cert and --tls-key go together (and --tls-ca needs them)")
+    if args.tls_cert:
+        tls_context(args.tls_cert, args.tls_key, args.tls_ca)   # a bad file is an error now, not at listen
     mapping = HeaderMapping.from_file(args.header_map) if args.header_map else None
     destination = parse_destination(args.send_to, calling_aet=args.ae_title) if args.send_to else None
     return NodeConfig(ae_title=args.ae_title, host=args.host, port=args.port, allow=_allow(args.allow),
@@ -97,7 +111,9 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
                       max_associations=args.max_associations, series_timeout=args.series_timeout,
                       max_slices=args.max_slices, max_instance_mb=args.max_instance_mb,
                       max_held_mb=args.max_held_mb, destination=destination, out_dir=args.out,
-                      attempts=max(0, args.retries) + 1, header_mapping=mapping)
+                      attempts=max(0, args.retries) + 1, header_mapping=mapping,
+                      status_file=args.status_file or default_status_path(args.port),
+                      redeliver_every=args.redeliver_every)
 
 
 def quiet_libraries() -> None:
@@ -107,9 +123,22 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def print_status(args: argparse.Namespace) -> int:
+    """``--status``: print the status file of the node on ``--port`` (or ``--status-file``)."""
+    try:
+        status = read_status(args.status_file or default_status_path(args.port))
+    except StatusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(describe(status))
+    return 1 if needs_attention(status) else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, load the model, serve until SIGTERM / Ctrl-C, then drain and summarise."""
     args = get_args_parser().parse_args(argv)
+    if args.status:
+        return print_status(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     quiet_libraries()
     try:
@@ -117,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, HeaderMapError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from mediscan.core.checkpoint import CheckpointError
     from mediscan.inference.predictor import Predictor
     try:
         predictor = Predictor(args.checkpoint, args.device)

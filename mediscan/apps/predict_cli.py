@@ -36,6 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="calibrated confidence below which the verdict is 'uncertain' (default: 0.6)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse larger images (default: the library's decompression-bomb limit)")
+    parser.add_argument("--header-map", type=Path, default=None,
+                        help="JSON file overriding the DICOM header-check table (default: $MEDISCAN_HEADER_MAP, "
+                             "else the built-in table; see mediscan/core/dicom_header.py)")
+    parser.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                        help="for one DICOM file: also write the Secondary Capture (Grad-CAM overlay, answer burned "
+                             "in) and the Structured Report the DICOM node writes, as DIR/<SOP Instance UID>.dcm "
+                             "(same UIDs on every run with the same checkpoint: a re-run replaces them)")
     folder = parser.add_argument_group("folder mode (when INPUT is a folder)")
     folder.add_argument("--csv", type=Path, default=None, help=f"results CSV (default: ./{CSV_NAME})")
     folder.add_argument("--overlays", type=Path, default=None, help="also write one overlay PNG per image here")
@@ -46,7 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep the rows already in --csv (and in the part files of an interrupted torchrun "
                              "job) and do only the files not there yet")
     folder.add_argument("--per-series", action="store_true",
-                        help="also summarise DICOM files per series (mean probabilities) into <csv>.series.csv")
+                        help="also summarise the DICOM files per SeriesInstanceUID into <csv stem>.series.csv (next "
+                             "to --csv, e.g. predictions.series.csv): instances, how many were analysed, the mean "
+                             "calibrated probability per class, the series' class and verdict (the DICOM node's "
+                             "rule) and the header checks; computed from the finished CSV")
     folder.add_argument("--workers", type=int, default=None,
                         help="threads decoding files ahead of the model (default: up to 4)")
     return parser
@@ -56,18 +66,36 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     # Imported here so that --help is instant and a broken install still prints usage.
     from mediscan.core.checkpoint import CheckpointError
+    from mediscan.core.dicom_header import HeaderMapError
     from mediscan.core.imaging import ImageReadError
     from mediscan.inference.predictor import UnknownClassError
 
     try:
+        args.header_mapping = header_mapping(args)
         if args.input.is_dir():
+            if args.dicom_out is not None:
+                raise DicomOutError(f"--dicom-out takes one DICOM file, and {args.input} is a folder. Run it per "
+                                    f"file, or send the study to the DICOM node (python app.py dicom).")
             return run_folder(args)
         image = decode(args)        # a bad image is reported before the (slow) model load
+        if args.dicom_out is not None and image.format != "DICOM":
+            raise DicomOutError(f"--dicom-out needs a DICOM input, and {args.input} is a {image.format} file. "
+                                f"Leave out --dicom-out, or give the original DICOM file.")
         return run_single(load_predictor(args), image, args)
     except CheckpointError as exc:                  # ModelNotFoundError included
         return fail(args, exc, EXIT_NO_MODEL)
-    except (ImageReadError, UnknownClassError) as exc:
+    except (ImageReadError, UnknownClassError, HeaderMapError, DicomOutError) as exc:
         return fail(args, exc, EXIT_BAD_INPUT)
+
+
+class DicomOutError(ValueError):
+    """--dicom-out cannot be done for this input (not DICOM, a folder, no SeriesInstanceUID, unwritable)."""
+
+
+def header_mapping(args):
+    """The --header-map table (``None``: the default one, or ``$MEDISCAN_HEADER_MAP``'s)."""
+    from mediscan.core.dicom_header import HeaderMapping
+    return HeaderMapping.from_file(args.header_map) if args.header_map else None
 
 
 def fail(args, exc: Exception, code: int) -> int:
@@ -86,7 +114,8 @@ def decode(args):
 
 def load_predictor(args):
     from mediscan.inference.predictor import Predictor
-    kwargs = {"uncertain_below": args.uncertain_below, "backend": args.backend}
+    kwargs = {"uncertain_below": args.uncertain_below, "backend": args.backend,
+              "header_mapping": getattr(args, "header_mapping", None)}
     if args.max_pixels is not None:
         kwargs["max_pixels"] = args.max_pixels
     return Predictor(args.checkpoint, args.device, **kwargs)
@@ -100,27 +129,66 @@ def run_single(predictor, image, args) -> int:
     """Predict + explain one decoded image, print the result, save the figure."""
     explanation = predictor.explain(image, args.explain_class)
     figure = None
-    if not args.no_figure:
+    if not args.no_figure and explanation.prediction.analysed:   # a gated input has no heatmap to draw
         figure = args.output or Path(f"{args.input.stem}_gradcam.png")
         save_figure(explanation, figure, args.alpha)
+    written = None if args.dicom_out is None else write_dicom_out(predictor, args)
     if args.json:
         record = explanation.to_dict()
         record["figure"] = None if figure is None else str(figure)
+        if written is not None:
+            record["dicom_out"] = [str(path) for path in written]
         print(json.dumps(record, indent=None))
     else:
         print_report(explanation, figure, predictor)
+        for path in written or ():
+            print(f"DICOM result written to {path}")
     return EXIT_OK
+
+
+def write_dicom_out(predictor, args) -> list:
+    """The Secondary Capture + Structured Report the DICOM node stores for a series, made for this one file
+    by the node's own functions (a one-instance series), written to ``--dicom-out``; returns their paths."""
+    from mediscan import __version__
+    from mediscan.core.dicom_pixels import read_dataset
+    from mediscan.dicom.results import result_datasets
+    from mediscan.dicom.sender import DeliveryError, FolderDestination
+    from mediscan.dicom.series import PendingSeries, analyse_series
+    from mediscan.dicom.uids import checkpoint_sha256
+
+    data = args.input.read_bytes()
+    header, _ = read_dataset(data, str(args.input))
+    series_uid = str(header.get("SeriesInstanceUID", "") or "")
+    if not series_uid:
+        raise DicomOutError(f"{args.input} has no SeriesInstanceUID, which the result's UIDs are derived from "
+                            f"(and a PACS files it under). Give a file exported from an archive, not a bare image.")
+    series = PendingSeries(series_uid, max_slices=1)
+    series.add(data, header, None)
+    result = analyse_series(predictor, series, max_slices=1, mapping=args.header_mapping)
+    datasets = result_datasets(result, checkpoint_sha256=checkpoint_sha256(predictor.checkpoint_path),
+                               version=__version__)
+    try:
+        FolderDestination(args.dicom_out).send(datasets)
+    except DeliveryError as exc:
+        raise DicomOutError(f"--dicom-out {exc}. Choose a folder you can write to.") from None
+    return [args.dicom_out / f"{ds.SOPInstanceUID}.dcm" for ds in datasets]
 
 
 def print_report(explanation, figure: Path | None, predictor) -> None:
     from mediscan import NOT_FOR_CLINICAL_USE
     p = explanation.prediction
     print(f"Image:      {p.source}")
-    print(f"Prediction: {p.top_class} ({p.confidence:.1%} confidence)")
+    if p.analysed:
+        print(f"Prediction: {p.top_class} ({p.confidence:.1%} confidence)")
+    else:
+        print("Prediction: none (not analysed)")
     print(f"Verdict:    {p.verdict.replace('_', ' ')} -- {p.verdict_reason}")
+    for line in dicom_lines(p):
+        print(line)
     print()
-    print(probability_table(p.probabilities, p.top_class))
-    print()
+    if p.analysed:
+        print(probability_table(p.probabilities, p.top_class))
+        print()
     if p.ood_score is not None:
         print(f"Out-of-scope score: {p.ood_score:.2f} (limit {predictor.ood.threshold:.2f})")
     for warning in p.warnings:
@@ -132,6 +200,21 @@ def print_report(explanation, figure: Path | None, predictor) -> None:
     if figure is not None:
         print(f"Figure saved to {figure} (heatmap for '{explanation.explained_class}')")
     print(NOT_FOR_CLINICAL_USE)
+
+
+def dicom_lines(prediction) -> list[str]:
+    """Modality, BodyPartExamined and the header check of a DICOM answer (nothing for other inputs; never a
+    patient field)."""
+    if prediction.dicom is None:
+        return []
+    header = prediction.dicom
+    lines = [(f"DICOM:      Modality {header.get('modality') or '(empty)'}, "
+              f"BodyPartExamined {header.get('body_part_examined') or '(empty)'}")]
+    check = prediction.header_check
+    if check is not None:
+        based = f" ({check['field']} '{check['value']}')" if check.get("field") else ""
+        lines.append(f"Header:     {check['status'].replace('_', ' ')}{based}")
+    return lines
 
 
 def probability_table(probabilities: dict[str, float], top_class: str, width: int = 30) -> str:
@@ -200,30 +283,45 @@ def _run_folder(predictor, args, ranks) -> int:
     hidden = args.no_progress or not ranks.is_main or None       # None: tqdm hides itself without a terminal
     try:
         with tqdm(unit="img", disable=hidden, file=sys.stderr) as bar:
-            outcome = run_archive(predictor, job, ranks, progress=bar.update, per_series=args.per_series)
+            outcome = run_archive(predictor, job, ranks, progress=bar.update)
     except (ArchiveInputError, ResumeError) as exc:
         if ranks.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if outcome is not None:
-        print(folder_summary(outcome, args.overlays, predictor.classes))
+        print(folder_summary(outcome, args.overlays))
+        if args.per_series:
+            print(series_summary(predictor, outcome.csv_path))
     return EXIT_OK
 
 
-def folder_summary(outcome, overlays: Path | None, classes) -> str:
-    """Counts per class and per verdict, the files that failed, and where the results are."""
-    from mediscan.inference.archive_csv import write_series_csv
+def series_summary(predictor, csv_path: Path) -> str:
+    """Write ``<csv stem>.series.csv`` from the finished CSV (streamed: one small record per series) and say where."""
+    from mediscan.inference.archive_csv import summarize_csv, write_series_csv
 
+    threshold = None if predictor.ood is None else float(predictor.ood.threshold)
+    summary = summarize_csv(csv_path, predictor.classes, per_series=True, ood_threshold=threshold)
+    if not summary.series:
+        return "no DICOM series in the results (--per-series summarises files that have a SeriesInstanceUID)"
+    target = series_csv_path(csv_path)
+    write_series_csv(summary, target, predictor.classes, uncertain_below=predictor.uncertain_below,
+                     ood_threshold=threshold, has_detector=predictor.ood is not None)
+    return f"{len(summary.series)} DICOM series summarised in {target}"
+
+
+def series_csv_path(csv_path: Path) -> Path:
+    """``results.csv`` -> ``results.series.csv`` (beside it)."""
+    return csv_path.with_suffix(".series.csv")
+
+
+def folder_summary(outcome, overlays: Path | None) -> str:
+    """Counts per class and per verdict, the files that failed, and where the results are."""
     lines = outcome.summary.lines()
     if outcome.resumed:
         lines.append(f"resumed: {outcome.resumed} files were already in the CSV, {outcome.written} done now")
     if outcome.duplicates:
         lines.append(f"note: {outcome.duplicates} rows were in two part files and were written once")
     lines.append(f"results written to {outcome.csv_path}")
-    if outcome.summary.series:
-        series_csv = outcome.csv_path.with_suffix(".series.csv")
-        write_series_csv(outcome.summary, series_csv, classes)
-        lines.append(f"{len(outcome.summary.series)} DICOM series summarised in {series_csv}")
     if overlays is not None:
         lines.append(f"overlays written to {overlays}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@
     python app.py flask --dev                             # Flask's own server (debugger always off)
     MEDISCAN_API_KEY=secret python app.py flask --host 0.0.0.0
     python app.py flask --connection-limit 200 --header-timeout 5 --batch-window-ms 0   # batching off
+    python app.py flask --batch-window-ms 5 --max-batch 16 --batch-workers 2   # wider batches (defaults: 2 ms, 8/16, 2)
 
 The server is waitress behind the guards of :mod:`mediscan.apps.server` (limits decided before a body is
 read, bounded memory, timeouts, JSON at every status). Binds to 127.0.0.1 unless ``--host`` says otherwise. Starts even without a model: ``/health`` says so and
@@ -53,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"(default: {d['BATCH_WINDOW_MS']:g}; 0 = off)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="most images per shared forward pass (default: 8 on the CPU, 16 on a GPU)")
+    p.add_argument("--batch-workers", type=int, default=d["BATCH_WORKERS"],
+                   help=f"shared forward passes that may run at once: while one runs the next is collected "
+                        f"(default: {d['BATCH_WORKERS']})")
     p.add_argument("--dev", action="store_true",
                    help="use Flask's development server instead of waitress (debugger and reloader stay off)")
     return p
@@ -68,6 +72,7 @@ def app_config(args: argparse.Namespace) -> dict:
         "MAX_PIXELS": args.max_pixels,
         "BATCH_WINDOW_MS": args.batch_window_ms,
         "MAX_BATCH": args.max_batch,
+        "BATCH_WORKERS": args.batch_workers,
     }
 
 
@@ -95,7 +100,8 @@ def _is_loopback(host: str) -> bool:
 def _banner(app, args: argparse.Namespace) -> list[str]:
     service = app.extensions["mediscan"]
     url = _url(args.host, args.port)
-    batching = f"batching window {args.batch_window_ms:g} ms" if args.batch_window_ms else "no batching"
+    batching = (f"batching window {args.batch_window_ms:g} ms, {args.batch_workers} batch workers"
+                if args.batch_window_ms else "no batching")
     server = ("Flask development server" if args.dev else
               f"waitress, {args.threads} threads, at most {args.connection_limit} connections, {batching}")
     lines = [f"MediScan API {__version__} on {url} ({server}) -- docs at {url}/openapi.json"]
@@ -117,7 +123,7 @@ def _invalid(args: argparse.Namespace) -> str | None:
                 "--max-content-mb": args.max_content_mb, "--connection-limit": args.connection_limit,
                 "--header-timeout": args.header_timeout, "--body-timeout": args.body_timeout,
                 "--idle-timeout": args.idle_timeout, "--max-pixels": args.max_pixels,
-                "--max-batch": args.max_batch}
+                "--max-batch": args.max_batch, "--batch-workers": args.batch_workers}
     bad = [name for name, value in positive.items() if value is not None and not value > 0]
     if bad:
         return f"{', '.join(bad)} must be positive"

@@ -36,12 +36,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (split, shuffling, augmentation)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--workers", type=int, default=d.workers, help="threads that decode images")
+    p.add_argument("--cache-dir", default=d.cache_dir,
+                   help="folder for an on-disk cache of the decoded images, reused by later runs on the same "
+                        "data and input size (default: decoded images stay in RAM)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 mixed precision on CUDA")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="train stage 2 eagerly on CUDA instead of replaying a captured graph")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.safetensors")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (log lines only)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery in the report")
+    p.add_argument("--modalities", default=d.modalities,
+                   help="DICOM modalities the model is for, e.g. CR,DX (default: the Modality of DICOM training "
+                        "files, else CR,DX,CT,MR,XA,RF); a DICOM of any other modality is out of scope")
+    p.add_argument("--outlier-exposure", action="store_true",
+                   help="stage 2 also trains on synthetic outliers made from the batch (energy-margin loss)")
+    p.add_argument("--oe-weight", type=float, default=d.oe_weight, help="weight of the outlier-exposure loss")
     p.add_argument("--evaluate", metavar="CHECKPOINT", help="only evaluate CHECKPOINT on <data>/test and write a report")
     p.add_argument("--refit-ood", metavar="CHECKPOINT",
                    help="only refit CHECKPOINT's out-of-scope statistics on <data> train/val (no retraining)")
@@ -57,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.onnx_out and not args.export_onnx:
         parser.error("--onnx-out is only used with --export-onnx")
+    if args.modalities is not None:
+        from mediscan.training.modalities import parse_modalities
+        try:
+            parse_modalities(args.modalities)
+        except ValueError as exc:
+            parser.error(str(exc))
     from mediscan.core.checkpoint import CheckpointError
     from mediscan.core.dataset import DatasetError
     from mediscan.core.model import WeightsError

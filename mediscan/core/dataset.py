@@ -1,23 +1,30 @@
-"""Dataset folders: scan and check them (:func:`scan_dataset`), decode a split once into tensors (:func:`load_split`).
+"""Dataset folders: scan and check them (:func:`scan_dataset`), decode a split once into uint8 (:func:`load_split`).
 
 Layout: ``ROOT/{train,val,test}/<class>/<images>``. Class names are the folder names under ``train``
 (sorted). ``val`` is optional: without it a stratified, seeded share of ``train`` is held out.
 Everything is checked before training starts, and every problem is reported with the files involved.
-Training and evaluation both read datasets, so this sits in ``core``, below both.
+Training and evaluation both read datasets, so this sits in ``core``, below both. Decoded splits are
+uint8 grey levels at the model's input size, in RAM or in an on-disk cache (:mod:`mediscan.core.pixel_cache`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import cv2
+import numpy as np
+import PIL
 import torch
 
 from mediscan.core.imaging import ImageReadError, looks_like_image_file, read_image
-from mediscan.core.preprocessing import preprocess
+from mediscan.core.pixel_cache import FORMAT_VERSION, PixelFile, build_entry, gather, quantize, to_model_range
+from mediscan.core.preprocessing import PreprocessConfig, crop_and_resize
 
 SPLITS = ("train", "val", "test")
 
@@ -30,6 +37,7 @@ class DatasetError(ValueError):
 class Sample:
     path: Path
     label: int
+    digest: str = field(default="", compare=False)    # sha256 of the file's bytes ("" = not computed yet)
 
 
 @dataclass
@@ -57,19 +65,36 @@ class DatasetSplits:
 
 @dataclass
 class TensorSplit:
-    """A split decoded once: model-ready images ``(N, 1, S, S)`` in [-1024, 1024] and labels ``(N,)``.
+    """A split decoded once: ``pixels`` ``(N, 1, S, S)`` uint8 grey levels and labels ``(N,)``.
 
-    ``paths[i]`` is the file of ``images[i]``; ``colour_paths`` the subset that were colour pictures
-    (decoded to grayscale like the rest). Made by :func:`load_split`.
+    ``pixels`` is a tensor (CPU or GPU) or a :class:`~mediscan.core.pixel_cache.PixelFile` (``--cache-dir``);
+    model-range floats also work (a split built by hand). :meth:`batch` gives model-ready images
+    in [-1024, 1024] one batch at a time; :attr:`images` converts the whole split at once (small splits only).
+    ``paths[i]`` is the file of row ``i``; ``colour_paths`` the subset that were colour pictures (decoded to
+    grayscale like the rest); ``cache`` says where the pixels came from. Made by :func:`load_split`.
     """
 
-    images: torch.Tensor
+    pixels: torch.Tensor | PixelFile
     labels: torch.Tensor
     paths: list[Path]
     colour_paths: list[Path] = field(default_factory=list)   # files that were colour pictures
+    cache: str = ""                                          # "", or "built <folder>" / "reused <folder>"
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The whole split as model-range floats ``(N, 1, S, S)``: four times the memory of ``pixels``."""
+        return to_model_range(self.pixels[:])
+
+    def batch(self, index: torch.Tensor | slice, device: torch.device | str) -> torch.Tensor:
+        """Rows ``index`` as model-range floats on ``device`` (converted there, after the uint8 copy)."""
+        return to_model_range(gather(self.pixels, index, device))
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -102,6 +127,8 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 0,
                            test=files.get("test", []), val_from_train=val_from_train,
                            skipped=not_images if skip_bad else [])
     digests = {s.path: _file_digest(s.path) for name in SPLITS for s in splits.split(name)}
+    for name in SPLITS:
+        setattr(splits, name, [Sample(s.path, s.label, digests[s.path]) for s in splits.split(name)])
     splits.duplicates = find_cross_split_duplicates(splits, digests)
     splits.fingerprint = dataset_fingerprint(splits, digests)
     return splits
@@ -211,37 +238,96 @@ def dataset_fingerprint(splits: DatasetSplits, digests: dict[Path, str]) -> dict
             "counts": {name: splits.class_counts(name) for name in SPLITS}}
 
 
+def split_key(samples: list[Sample], input_size: int) -> str:
+    """The on-disk cache key of ``samples`` decoded at ``input_size``: every file's path, label and content
+    hash in order, the preprocessing, the cache format and the decoders' versions (a changed file, input
+    size or decoder gives a new key)."""
+    hasher = hashlib.sha256(json.dumps({
+        "format": FORMAT_VERSION, "preprocessing": PreprocessConfig(input_size).to_dict(),
+        "versions": [np.__version__, cv2.__version__, PIL.__version__]}, sort_keys=True).encode())
+    for sample in samples:
+        digest = sample.digest or _file_digest(sample.path)
+        hasher.update(f"{Path(sample.path).resolve()}\t{sample.label}\t{digest}\n".encode())
+    return hasher.hexdigest()[:32]
+
+
 def load_split(samples: list[Sample], input_size: int, *, workers: int = 2, skip_bad: bool = False,
-               progress=None) -> tuple[TensorSplit, list[str]]:
-    """Decode and preprocess every image of ``samples`` once (``workers`` threads), in their order.
+               progress=None, cache_dir: str | Path | None = None) -> tuple[TensorSplit, list[str]]:
+    """Decode every image of ``samples`` once (``workers`` threads), in their order, into uint8.
 
-    Each image goes through :func:`~mediscan.core.preprocessing.preprocess`, the transform the Predictor
-    applies. Returns the :class:`TensorSplit` and the "path: reason" list of files left out. Unreadable files
-    raise :class:`DatasetError` listing all of them, unless ``skip_bad``. ``progress`` (optional) gets
-    ``update(1)`` per file.
+    Each image is centre-cropped and resized as :func:`~mediscan.core.preprocessing.preprocess` does (the
+    transform the Predictor applies) and rounded to 256 grey levels. With ``cache_dir`` the pixels live in
+    an on-disk cache keyed by :func:`split_key`: reused when it exists, built (atomically) when not. Returns
+    the :class:`TensorSplit` and the "path: reason" list of files left out. Unreadable files raise
+    :class:`DatasetError` listing all of them, unless ``skip_bad``. ``progress`` (optional) gets
+    ``update(1)`` per decoded file. A bad cache folder raises
+    :class:`~mediscan.core.pixel_cache.CacheDirError`.
     """
-    def decode(sample: Sample):
-        try:
-            decoded = read_image(sample.path)
-        except ImageReadError as exc:
-            return sample, None, False, str(exc)
-        return sample, preprocess(decoded.pixels, input_size)[0], decoded.is_colour, None
-
-    kept, tensors, bad, colour = [], [], [], []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for sample, tensor, is_colour, error in pool.map(decode, samples):
-            if progress is not None:
-                progress.update(1)
-            if error:
-                bad.append(f"{sample.path}: {error}")
-            else:
-                kept.append(sample)
-                tensors.append(tensor)
-                if is_colour:
-                    colour.append(sample.path)
+    fill = _decoder(samples, input_size, workers, progress)
+    if cache_dir is None:
+        (pixels, index), cache = _decode_in_ram(len(samples), input_size, fill), ""
+    else:
+        pixels, index, built = build_entry(cache_dir, split_key(samples, input_size), len(samples), input_size,
+                                           fill)
+        cache = f"{'built' if built else 'reused'} {Path(cache_dir) / index['key']}"
+    bad = [f"{samples[row].path}: {reason}" for row, reason in index["bad"]]
     if bad and not skip_bad:
         raise DatasetError(f"{len(bad)} file(s) could not be read:\n  - " + "\n  - ".join(bad) +
                            "\n(--skip-bad leaves them out and lists them)")
-    images = torch.stack(tensors) if tensors else torch.empty(0, 1, input_size, input_size)
+    kept = [samples[row] for row in index["kept"]]
     labels = torch.tensor([s.label for s in kept], dtype=torch.long)
-    return TensorSplit(images, labels, [s.path for s in kept], colour), bad
+    colour = [samples[row].path for row in index["colour"]]
+    return TensorSplit(pixels, labels, [s.path for s in kept], colour, cache), bad
+
+
+def _decode_in_ram(count: int, size: int, fill) -> tuple[torch.Tensor, dict]:
+    """Run ``fill`` into one preallocated uint8 tensor (no per-image float copies are kept)."""
+    pixels = torch.empty((count, 1, size, size), dtype=torch.uint8)
+    flat = pixels.numpy().reshape(count, size * size)
+
+    def write(row: int, image: np.ndarray) -> None:
+        flat[row] = image.reshape(-1)
+    index = fill(write)
+    if len(index["kept"]) < count:             # unreadable files drop out (rare: copying the rest is fine)
+        pixels = pixels[torch.tensor(index["kept"], dtype=torch.long)]
+    return pixels, index
+
+
+def _decoder(samples: list[Sample], size: int, workers: int, progress):
+    """The ``fill`` of :func:`~mediscan.core.pixel_cache.build_entry`: decode, crop, resize and quantise
+    every sample into ``write(row, uint8 image)``, and return the index (kept, colour and bad rows)."""
+    def decode(write, row: int):
+        try:
+            decoded = read_image(samples[row].path)
+        except ImageReadError as exc:
+            return row, False, str(exc)
+        write(row, quantize(crop_and_resize(decoded.pixels, size)))
+        return row, decoded.is_colour, None
+
+    def fill(write) -> dict:
+        index = {"kept": [], "colour": [], "bad": []}
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for row, is_colour, error in _in_order(pool, partial(decode, write), len(samples),
+                                                   ahead=4 * max(1, workers)):
+                if progress is not None:
+                    progress.update(1)
+                if error:
+                    index["bad"].append([row, error])
+                else:
+                    index["kept"].append(row)
+                    if is_colour:
+                        index["colour"].append(row)
+        return index
+    return fill
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, count: int, ahead: int):
+    """``fn(0) .. fn(count - 1)`` on ``pool``, results in order, at most ``ahead`` in flight (``pool.map``
+    would submit every file at once and hold all their results)."""
+    pending: deque = deque()
+    for row in range(count):
+        pending.append(pool.submit(fn, row))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -35,12 +35,8 @@ from mediscan.core.decoded import (
 )
 from mediscan.core.dicom_header import summarize
 
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
-except ImportError:  # pydicom 2.x (requirements allow >= 2.4)
-    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
-
-    get_decoder = pixel_array = None
+# pydicom >= 3 (highdicom needs it too): decodes only the frame asked for and converts YBR to RGB.
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
 __all__ = ["decode_dicom", "is_dicom", "read_dataset"]
 
@@ -114,9 +110,6 @@ def _decoder_missing(ts) -> bool:
             return False
     except ValueError:  # not a transfer syntax pydicom knows (private or damaged UID)
         return True
-    if get_decoder is None:  # pydicom 2.x
-        handlers = pydicom.config.pixel_data_handlers
-        return not any(h.is_available() and h.supports_transfer_syntax(ts) for h in handlers)
     try:
         return not get_decoder(ts).is_available
     except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
@@ -214,12 +207,4 @@ def _lift_frame_functional_groups(ds) -> None:
 
 def _first_frame(ds, frames: int) -> np.ndarray:
     """Decoded pixels of frame 1 (RGB for colour data)."""
-    if pixel_array is not None:  # pydicom >= 3 decodes only the frame asked for
-        return pixel_array(ds, index=0 if frames > 1 else None)
-    arr = ds.pixel_array  # pydicom 2.x: decodes every frame, and leaves YBR as it is
-    if frames > 1:
-        arr = arr[0]
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric.startswith("YBR_FULL"):
-        arr = convert_color_space(arr, photometric, "RGB")
-    return arr
+    return pixel_array(ds, index=0 if frames > 1 else None)

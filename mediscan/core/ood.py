@@ -37,6 +37,12 @@ scores cannot be used directly (the means and covariance were fitted to them, so
 optimistically small and the threshold would flag far more than 5 % of new images); the scores then
 come from 5-fold cross-fitting on the training set (fit on four fifths, score the fifth left out).
 
+Energy (optional; checkpoints trained with outlier exposure, :mod:`mediscan.training.outliers`): the
+classifier's free energy E = -logsumexp(logits) (Liu et al. 2020) joins the layers as one more relative
+score, ``E - scale + 1`` with ``scale`` its ``percentile``-th validation percentile (1.0 there, as for the
+layers), so the same max and the same validation-only threshold apply. Outlier exposure trains the logits
+to give synthetic outliers a high energy; without it the energy adds little (docs/benchmarks.md).
+
 Checkpoints written before several layers were used hold one layer (``norm5``) under the method name
 ``mahalanobis-tied``; they load as a one-layer detector with scale 1, so their scores and threshold
 mean what they meant then.
@@ -51,7 +57,7 @@ import torch
 
 from mediscan.core.mahalanobis import MahalanobisLayer, fit_statistics, ledoit_wolf_shrinkage
 
-__all__ = ["OODDetector", "MahalanobisLayer", "fit_ood", "ledoit_wolf_shrinkage", "DEFAULT_LAYERS",
+__all__ = ["OODDetector", "MahalanobisLayer", "fit_ood", "free_energy", "ENERGY", "ledoit_wolf_shrinkage", "DEFAULT_LAYERS",
            "FINAL_LAYER", "DEFAULT_PERCENTILE", "PREFIX"]
 
 PREFIX = "ood."
@@ -61,6 +67,8 @@ DEFAULT_PERCENTILE = 95.0
 CROSS_FIT_FOLDS = 5
 #: The backbone's last stage: its pooled, rectified output is what the classifier's Linear layer sees.
 FINAL_LAYER = "norm5"
+#: The name of the energy part among :meth:`OODDetector.layer_scores`.
+ENERGY = "energy"
 #: The backbone stages the detector reads (names of ``model.features`` children), early to late.
 DEFAULT_LAYERS = ("denseblock1", FINAL_LAYER)
 
@@ -80,6 +88,8 @@ class OODDetector:
         n_val: held-out images the threshold comes from (0 with cross-fitting).
         threshold_from: ``"validation"`` or ``"train-crossfit"``.
         method: how it is stored (``mahalanobis-tied-layers``; ``mahalanobis-tied`` for old checkpoints).
+        energy_scale: the validation percentile of the free energy when the energy is part of the score
+            (then :meth:`score` needs the logits), else ``None``.
     """
 
     layers: dict[str, MahalanobisLayer]
@@ -89,6 +99,7 @@ class OODDetector:
     n_val: int = 0
     threshold_from: str = "validation"
     method: str = field(default=METHOD)
+    energy_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -108,23 +119,30 @@ class OODDetector:
     def n_classes(self) -> int:
         return next(iter(self.layers.values())).n_classes
 
-    def layer_scores(self, features: Features) -> dict[str, torch.Tensor]:
-        """Each layer's ``(B,)`` float64 distance divided by its scale (1.0 = that layer's percentile)."""
+    def layer_scores(self, features: Features, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each layer's ``(B,)`` float64 distance divided by its scale (1.0 = that layer's percentile), and
+        the relative energy under :data:`ENERGY` when the detector uses it (``logits`` required then)."""
         features = self._by_layer(features)
-        return {name: layer.distance(features[name]) / layer.scale for name, layer in self.layers.items()}
+        scores = {name: layer.distance(features[name]) / layer.scale for name, layer in self.layers.items()}
+        if self.energy_scale is not None:
+            if logits is None:
+                raise ValueError("this detector also scores the classifier's energy: pass the logits")
+            scores[ENERGY] = free_energy(logits).double().cpu() - self.energy_scale + 1.0
+        return scores
 
-    def score(self, features: Features) -> torch.Tensor:
+    def score(self, features: Features, logits: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` float32 out-of-scope scores; higher = stranger.
 
         ``features``: ``{layer name: (B, D) pooled features}`` for every name in :attr:`layer_names`
-        (extra names are ignored), or one ``(B, D)`` tensor for a one-layer detector.
+        (extra names are ignored), or one ``(B, D)`` tensor for a one-layer detector; ``logits`` ``(B, C)``
+        the classifier's raw outputs (needed when :attr:`energy_scale` is set, ignored otherwise).
         """
-        per_layer = self.layer_scores(features)
+        per_layer = self.layer_scores(features, logits)
         return torch.stack(list(per_layer.values())).max(dim=0).values.float()
 
-    def is_out_of_scope(self, features: Features) -> torch.Tensor:
+    def is_out_of_scope(self, features: Features, logits: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` bool: score strictly above :attr:`threshold`."""
-        return self.flag(self.score(features))
+        return self.flag(self.score(features, logits))
 
     def flag(self, scores: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool for scores from :meth:`score`: strictly above :attr:`threshold` (the one comparison)."""
@@ -134,7 +152,8 @@ class OODDetector:
         """How this detector decides, in one sentence for people (the model card; ``meta["ood"]["rule"]``)."""
         held_out = "validation" if self.threshold_from == "validation" else "held-out training"
         return (f"Images whose features lie further from the training images than {self.percentile:g}% of "
-                f"{held_out} images (Mahalanobis score on {', '.join(self.layer_names)} > "
+                f"{held_out} images (Mahalanobis score on {', '.join(self.layer_names)}"
+                f"{' and the classifier energy' if self.energy_scale is not None else ''} > "
                 f"{self.threshold:.3g}) are reported as out of scope.")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -159,6 +178,7 @@ class OODDetector:
             "n_train": int(self.n_train),
             "n_val": int(self.n_val),
             "n_classes": self.n_classes,
+            **({"energy": {"scale": float(self.energy_scale)}} if self.energy_scale is not None else {}),
         }
 
     @classmethod
@@ -196,7 +216,8 @@ class OODDetector:
         return cls(layers=layers, threshold=threshold,
                    percentile=float(info.get("percentile", DEFAULT_PERCENTILE)),
                    n_train=int(info.get("n_train", 0)), n_val=int(info.get("n_val", 0)),
-                   threshold_from=str(info.get("threshold_from", "validation")), method=method)
+                   threshold_from=str(info.get("threshold_from", "validation")), method=method,
+                   energy_scale=_energy_scale(info))
 
     def _by_layer(self, features: Features) -> Mapping[str, torch.Tensor]:
         if isinstance(features, Mapping):
@@ -209,6 +230,21 @@ class OODDetector:
             raise ValueError(f"this detector reads {len(self.layers)} layers ({', '.join(self.layers)}): "
                              f"pass {{layer name: pooled features}}")
         return {next(iter(self.layers)): features}
+
+
+def free_energy(logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` free energy ``-logsumexp(logits)`` (float32): low for confident answers, -log(C) for flat ones."""
+    return -torch.logsumexp(torch.as_tensor(logits).detach().float(), dim=1)
+
+
+def _energy_scale(info: dict) -> float | None:
+    energy = info.get("energy")
+    if not energy:
+        return None
+    scale = float(energy["scale"])
+    if not math.isfinite(scale):
+        raise ValueError(f"out-of-scope energy scale in checkpoint is not a number: {energy['scale']!r}")
+    return scale
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +335,7 @@ def _validation_inputs(features: Features, train: dict[str, torch.Tensor]) -> di
 
 def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: Features | None = None,
             *, percentile: float = DEFAULT_PERCENTILE, shrinkage: float | None = None,
-            n_classes: int | None = None) -> OODDetector:
+            n_classes: int | None = None, val_logits: torch.Tensor | None = None) -> OODDetector:
     """Fit the out-of-scope detector.
 
     Args:
@@ -312,6 +348,8 @@ def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: 
         percentile: in (0, 100]; at most ``100 - percentile`` % of those held-out images are flagged.
         shrinkage: covariance shrinkage weight in [0, 1]; ``None`` = Ledoit-Wolf, per layer.
         n_classes: number of classes (default ``max(label) + 1``); every class needs features.
+        val_logits: ``(N_val, C)`` raw logits of the validation images: the free energy then joins the
+            score (its scale: the ``percentile``-th percentile of their energies). Needs ``val_features``.
     """
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
@@ -330,9 +368,16 @@ def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: 
         layer.scale = max(_percentile(held, percentile), 1e-12)
         layers[name] = layer
         held_relative.append(held / layer.scale)
+    energy_scale = None
+    if val_logits is not None:
+        if val is None or len(val_logits) != len(held_relative[0]):
+            raise ValueError("val_logits need validation features with one row per logit row")
+        val_energy = free_energy(val_logits).double()
+        energy_scale = _percentile(val_energy, percentile)
+        held_relative.append(val_energy - energy_scale + 1.0)
     # Rounded to float32 as :meth:`OODDetector.score` returns it: the threshold is placed among the
     # scores the Predictor will compare with it.
     combined = torch.stack(held_relative).max(dim=0).values.float()
     return OODDetector(layers=layers, threshold=_threshold(combined, percentile), percentile=percentile,
                        n_train=n_train, n_val=0 if val is None else len(combined),
-                       threshold_from="train-crossfit" if val is None else "validation")
+                       threshold_from="train-crossfit" if val is None else "validation", energy_scale=energy_scale)

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from mediscan.core.model import OrganClassifier
+from mediscan.core.pixel_cache import gather, to_model_range
 
 
 def select_device(name: str | torch.device | None = "auto", *, mps: bool = True) -> torch.device:
@@ -50,7 +51,9 @@ def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int,
     logits, pooled = [], {name: [] for name in layers}
     try:
         for start in range(0, len(images), batch_size):
-            batch = to_memory_format(images[start:start + batch_size].to(device, non_blocking=True), device)
+            # uint8 grey levels (a decoded split) become model-range floats here, on the device
+            batch = to_model_range(gather(images, slice(start, start + batch_size), device))
+            batch = to_memory_format(batch, device)
             with autocast(device, amp):
                 final, taps = model.tapped_features(batch, layers)
                 out = model.head(final)

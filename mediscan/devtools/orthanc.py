@@ -1,6 +1,7 @@
 """A real Orthanc for the DICOM node's tests and benchmark: Debian's ``orthanc`` (+ ``orthanc-dicomweb``)
 started with a temporary configuration (its own storage folder, free ports, MediScan registered as a
-modality), never the system service or /etc/orthanc. Development helper, not part of the product.
+modality), never the system service or /etc/orthanc; the dcmtk / dicom3tools checks; throwaway TLS
+certificates. Development helper, not part of the product.
 """
 from __future__ import annotations
 
@@ -136,3 +137,45 @@ def dciodvfy_errors(path: str | os.PathLike) -> list[str]:
     """The ``Error`` lines dicom3tools' dciodvfy prints for a DICOM file (warnings are not counted)."""
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def make_tls_certificates(folder: Path) -> dict[str, str]:
+    """A throwaway CA and, signed by it, a server certificate for 127.0.0.1 and a client certificate: PEM
+    files in ``folder``; returns their paths (``ca``, ``server``, ``server_key``, ``client``, ``client_key``).
+    For the DICOM node's TLS tests (``cryptography``, a test dependency)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name, key, issuer=None, issuer_key=None, *, ca=False, ip=None):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ip:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+                                            critical=False)
+        return builder.sign(issuer_key or key, hashes.SHA256())
+
+    paths = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("MediScan test CA", ca_key, ca=True)
+    for name, key, cert in [("ca", ca_key, ca)] + [
+            (who, k, issue(who, k, ca.subject, ca_key, ip="127.0.0.1" if who == "server" else None))
+            for who, k in (("server", ec.generate_private_key(ec.SECP256R1())),
+                           ("client", ec.generate_private_key(ec.SECP256R1())))]:
+        paths[name] = folder / f"{name}.pem"
+        paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[name + "_key"] = folder / f"{name}.key"
+        paths[name + "_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    return {k: str(v) for k, v in paths.items()}

@@ -6,26 +6,32 @@ Threads: pynetdicom's (one per association) receive and check instances into the
 with the Predictor and delivers the Secondary Capture and SR (:mod:`mediscan.dicom.sender`).
 
 Nothing is dropped silently: a result that cannot be delivered after the retries is kept (and, with an
-output folder, written there) and retried before the next delivery; :meth:`DicomNode.status` and the
-summary of :meth:`DicomNode.stop` list what is pending, undelivered or failed. Logs name series by a hash
+output folder, written there) and retried -- after the next successful delivery, and every
+``redeliver_every`` seconds while the node is idle; :meth:`DicomNode.status`, the status file
+(:mod:`mediscan.dicom.status`, read by ``python app.py dicom --status``) and the summary of
+:meth:`DicomNode.stop` list what is pending, undelivered or failed. Logs name series by a hash
 (:func:`~mediscan.dicom.uids.log_id`), never a UID in clear or a patient field.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mediscan.dicom import scp
-from mediscan.dicom.results import result_datasets
+from mediscan.dicom.results import result_datasets, warm_up
 from mediscan.dicom.sender import DeliveryError, FolderDestination, deliver
 from mediscan.dicom.series import analyse_series
+from mediscan.dicom.status import write_status
 from mediscan.dicom.uids import checkpoint_sha256, log_id
 
-__all__ = ["DicomNode", "NodeConfig"]
+__all__ = ["DicomNode", "NodeConfig", "tls_context"]
 
 log = logging.getLogger("mediscan.dicom")
 _MAX_BACKLOG = 200
@@ -52,6 +58,43 @@ class NodeConfig:
     attempts: int = 4
     backoff: float = 1.0
     header_mapping: object | None = None
+    status_file: Path | None = None
+    redeliver_every: float = 30.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Undelivered:
+    """A result that could not be delivered yet: kept, and retried."""
+
+    name: str                 # the series' log id
+    datasets: list
+    since: str = field(default_factory=_now)
+    attempts: int = 0
+    last_error: str = ""
+
+    def to_dict(self) -> dict:
+        return {"series": self.name, "since": self.since, "attempts": self.attempts, "last_error": self.last_error}
+
+
+def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """The server's TLS context (client certificates required when ``ca`` is given); ``ValueError`` names
+    the file that cannot be used."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-ca {ca}: cannot load the CA bundle ({exc})") from None
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: cannot load the certificate and key "
+                         f"({getattr(exc, 'strerror', None) or exc}); both must be PEM files") from None
+    if ca:
+        context.verify_mode = ssl.CERT_REQUIRED  # only peers with a certificate from this CA
+    return context
 
 
 class DicomNode:
@@ -64,10 +107,13 @@ class DicomNode:
                                              max_held_bytes=int(config.max_held_mb * 2**20))
         self.stats = {"received": 0, "refused": 0, "not_analysed": 0, "series_analysed": 0,
                       "series_failed": 0, "results_delivered": 0}
-        self.undelivered: list[tuple[str, list]] = []  # (log id, datasets) awaiting a retry
-        self.failed: list[str] = []                     # series that gave no result, with the reason
+        self.undelivered: list[Undelivered] = []  # awaiting a retry (only the worker thread changes it)
+        self.failed: list[str] = []                # series that gave no result, with the reason
         self._work: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._started, self._running, self._next_redelivery = _now(), False, 0.0
+        self._analysing = 0          # the series the worker holds now (0 or 1)
+        self._bound_port = config.port
         self._server = None
         self._threads: list[threading.Thread] = []
         self.ae = scp.build_ae(config.ae_title, max_associations=config.max_associations, allow=config.allow)
@@ -82,8 +128,11 @@ class DicomNode:
             max_pixels=self.predictor.max_pixels, stats=self.stats)
         handlers = [(scp.evt.EVT_C_STORE, store), (scp.evt.EVT_REQUESTED, scp.allow_handler, [cfg.allow]),
                     (scp.evt.EVT_RELEASED, self._association_ended), (scp.evt.EVT_ABORTED, self._association_ended)]
+        ssl_context = tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         self._server = self.ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers,
-                                            ssl_context=self._ssl_context())
+                                            ssl_context=ssl_context)
+        self._running, self._bound_port = True, self._server.server_address[1]
+        self._write_status()
         for target in (self._monitor, self._worker):
             thread = threading.Thread(target=target, name=f"mediscan-{target.__name__[1:]}", daemon=True)
             thread.start()
@@ -95,7 +144,7 @@ class DicomNode:
     @property
     def port(self) -> int:
         """The port the server listens on (the configured one, or the one the OS chose for port 0)."""
-        return self._server.server_address[1] if self._server else self.config.port
+        return self._bound_port
 
     def stop(self) -> dict:
         """Stop receiving, analyse every series still pending, deliver, and return the summary."""
@@ -112,27 +161,35 @@ class DicomNode:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        self._running = False
         summary = self.status()
+        self._write_status()
         if summary["undelivered"] or summary["failed"]:
             log.error("stopped with %d undelivered result(s) %s and %d series without a result %s",
-                      len(summary["undelivered"]), summary["undelivered"], len(summary["failed"]), summary["failed"])
+                      len(summary["undelivered"]), [u["series"] for u in summary["undelivered"]],
+                      len(summary["failed"]), summary["failed"])
         return summary
 
     def status(self) -> dict:
-        """Counts, plus the series waiting, undelivered (by log id) and failed (log id: reason)."""
-        return {**self.stats, "pending_series": len(self.collector) + self._work.qsize(),
+        """Counts, plus the series waiting, the undelivered results (log id, since, attempts, last error) and
+        the failed series (log id: reason)."""
+        return {**self.stats, "pending_series": len(self.collector) + self._work.qsize() + self._analysing,
                 "held_mb": round(self.collector.held_bytes / 2**20, 1),
-                "undelivered": [name for name, _ in self.undelivered], "failed": list(self.failed)}
+                "undelivered": [u.to_dict() for u in list(self.undelivered)], "failed": list(self.failed)}
 
-    def _ssl_context(self):
+    def _write_status(self) -> dict | None:
+        """Write the status file (when configured): :meth:`status` plus who and where this node is."""
         cfg = self.config
-        if not cfg.tls_cert:
+        if cfg.status_file is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cfg.tls_ca)
-        context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        if cfg.tls_ca:
-            context.verify_mode = ssl.CERT_REQUIRED  # only peers with a certificate from this CA
-        return context
+        status = {**self.status(), "pid": os.getpid(), "ae_title": cfg.ae_title, "host": cfg.host,
+                  "port": self.port, "tls": bool(cfg.tls_cert), "running": self._running, "started": self._started,
+                  "destination": str(cfg.destination or cfg.out_dir), "updated": _now()}
+        try:
+            write_status(cfg.status_file, status)
+        except OSError as exc:  # the node keeps serving; the log says why the file is stale
+            log.error("cannot write the status file %s: %s", cfg.status_file, exc.strerror or exc)
+        return status
 
     # ------------------------------------------------------------------------------------------ threads
 
@@ -141,19 +198,33 @@ class DicomNode:
             self._work.put(series)
 
     def _monitor(self) -> None:
+        written, last = None, 0.0
         while not self._stop.wait(min(0.2, self.config.series_timeout / 4)):
             for series in self.collector.pop(idle_for=self.config.series_timeout):
                 self._work.put(series)
+            if self.config.status_file is not None and time.monotonic() - last >= 1.0:
+                current = self.status()
+                if current != written:   # rewrite only what changed, at most once a second
+                    self._write_status()
+                    written, last = current, time.monotonic()
 
     def _worker(self) -> None:
+        try:
+            warm_up()   # highdicom's first SC/SR costs seconds: pay them now, not on the first series
+        except Exception:  # a failed warm-up only means a slower first result
+            log.debug("warm-up of the DICOM writers failed", exc_info=True)
         while not self._stop.is_set():
             try:
                 series = self._work.get(timeout=0.2)
             except queue.Empty:
+                if self.undelivered and time.monotonic() >= self._next_redelivery:
+                    self._redeliver()
                 continue
+            self._analysing = 1
             try:
                 self._process(series)
             finally:
+                self._analysing = 0
                 self.collector.release(series.held_bytes)
                 series.kept.clear()
                 self._work.task_done()
@@ -192,16 +263,36 @@ class DicomNode:
         if cfg.destination is None:
             self.stats["results_delivered"] += cfg.out_dir is not None
             return
-        pending = self.undelivered + [(name, datasets)]
-        self.undelivered = []
-        for which, items in pending:
-            try:
-                deliver(cfg.destination, items, attempts=cfg.attempts, backoff=cfg.backoff, what=f"series {which}")
-                self.stats["results_delivered"] += 1
-            except DeliveryError as exc:
-                log.error("series %s: result not delivered (%s); kept for the next attempt", which, exc)
-                self.undelivered.append((which, items))
+        item = Undelivered(name, datasets)
+        try:
+            item.attempts = cfg.attempts
+            deliver(cfg.destination, datasets, attempts=cfg.attempts, backoff=cfg.backoff, what=f"series {name}")
+        except DeliveryError as exc:
+            log.error("series %s: result not delivered (%s); kept, retried every %g s", name, exc,
+                      cfg.redeliver_every)
+            item.last_error = str(exc)[:300]
+            self.undelivered = self.undelivered + [item]
+            self._next_redelivery = time.monotonic() + cfg.redeliver_every
+        else:
+            self.stats["results_delivered"] += 1
+            self._redeliver()   # the destination is back: what waited goes now
         if len(self.undelivered) > _MAX_BACKLOG:  # bounded: the oldest go, loudly (they are in --out if given)
-            for which, _ in self.undelivered[:-_MAX_BACKLOG]:
-                self._fail(which, "result dropped: destination unreachable and the backlog is full")
+            for old in self.undelivered[:-_MAX_BACKLOG]:
+                self._fail(old.name, "result dropped: destination unreachable and the backlog is full")
             self.undelivered = self.undelivered[-_MAX_BACKLOG:]
+
+    def _redeliver(self) -> None:
+        """One attempt per waiting result, oldest first, stopping at the first failure (still down)."""
+        cfg = self.config
+        while self.undelivered:
+            item = self.undelivered[0]
+            item.attempts += 1
+            try:
+                cfg.destination.send(item.datasets)
+            except DeliveryError as exc:
+                item.last_error = str(exc)[:300]
+                self._next_redelivery = time.monotonic() + cfg.redeliver_every
+                return
+            log.info("series %s: delivered after %d attempt(s)", item.name, item.attempts)
+            self.undelivered = self.undelivered[1:]
+            self.stats["results_delivered"] += 1

@@ -4,36 +4,44 @@ overlay and the answer burned in (label, confidence, verdict, "NOT FOR DIAGNOSTI
 highdicom copies the Patient and General Study modules of the source instance and keeps its
 StudyInstanceUID; the Series and SOP Instance UIDs are the deterministic ones of :mod:`mediscan.dicom.uids`.
 The image is RGB, at most :data:`MAX_SIDE` pixels on its longer side (an archive viewer needs no more to
-show what the model looked at, and a 3000 x 3000 RGB capture would cost 27 MB per result).
+show what the model looked at, and a 3000 x 3000 RGB capture would cost 27 MB per result) and at least
+:data:`MIN_SIDE` (so that the burned-in text stays legible on a small source image).
 """
 from __future__ import annotations
+
+import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mediscan.dicom.uids import MANUFACTURER
 
-__all__ = ["MAX_SIDE", "NOT_FOR_DIAGNOSIS", "burn_in", "secondary_capture"]
+__all__ = ["MAX_SIDE", "MIN_SIDE", "NOT_FOR_DIAGNOSIS", "burn_in", "secondary_capture"]
 
 MAX_SIDE = 1024
+MIN_SIDE = 512  # smaller images are scaled up, or the burned-in text would not fit
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
 SERIES_NUMBER = 9901  # high, so that viewers list the result series after the acquired ones
 
 
 def burn_in(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
-    """``rgb`` (H, W, 3 uint8) downscaled to :data:`MAX_SIDE` with a black band of text lines above it."""
+    """``rgb`` (H, W, 3 uint8) scaled to a longer side between :data:`MIN_SIDE` and :data:`MAX_SIDE`, with a
+    black band of text lines above it (long lines wrap to the width)."""
     im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
-    scale = min(1.0, MAX_SIDE / max(im.size))
-    if scale < 1.0:
+    scale = min(1.0, MAX_SIDE / max(im.size)) if max(im.size) > MIN_SIDE else MIN_SIDE / max(im.size)
+    if scale != 1.0:
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
     size = max(10, im.width // 28)
     font = ImageFont.load_default(size=size)
-    band = (size + size // 3) * len(lines) + size // 2
+    # A verdict reason is a sentence: wrap it to the image's width rather than let it run off the edge.
+    width = max(16, int((im.width - size) / (0.55 * size)))
+    wrapped = [(part, line == NOT_FOR_DIAGNOSIS) for line in lines for part in (textwrap.wrap(line, width) or [""])]
+    band = (size + size // 3) * len(wrapped) + size // 2
     out = Image.new("RGB", (im.width, im.height + band), (0, 0, 0))
     out.paste(im, (0, band))
     draw = ImageDraw.Draw(out)
-    for k, line in enumerate(lines):
-        colour = (255, 64, 64) if line == NOT_FOR_DIAGNOSIS else (255, 255, 255)
+    for k, (line, notice) in enumerate(wrapped):
+        colour = (255, 64, 64) if notice else (255, 255, 255)
         draw.text((size // 3, size // 4 + k * (size + size // 3)), line, fill=colour, font=font)
     return np.asarray(out, dtype=np.uint8)
 

@@ -8,7 +8,10 @@ complete, ``max_slices`` of the kept instances, evenly spaced in InstanceNumber 
 
 The series answer averages the calibrated probabilities of its analysed instances and takes the verdict
 rules the Predictor applies to one image (:func:`mediscan.core.verdicts.verdict`): out of scope when most
-of its instances are, uncertain below the Predictor's confidence threshold, else confident.
+of its instances are, uncertain below the Predictor's confidence threshold, else confident. Instances the
+modality gate stopped (:mod:`mediscan.core.modality_gate`: no class, no probabilities) are left out of the
+average; a series whose every instance was stopped is ``out_of_scope`` with the gate's sentence, no class,
+and the representative image without a heatmap.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from mediscan.core.dicom_header import HeaderCheck, header_check
 from mediscan.core.imaging import read_image
-from mediscan.core.verdicts import verdict
+from mediscan.core.verdicts import series_verdict
 from mediscan.dicom.structured_report import SeriesFinding
 
 __all__ = ["Instance", "PendingSeries", "SeriesResult", "analyse_series", "sample_evenly"]
@@ -85,7 +88,7 @@ class SeriesResult:
     and Grad-CAM overlay) and the headers of every analysed instance (the SR's evidence)."""
 
     finding: SeriesFinding
-    header_check: HeaderCheck
+    header_check: HeaderCheck | None  # None when the modality gate stopped every instance
     representative: object
     overlay: np.ndarray
     evidence: list
@@ -100,18 +103,16 @@ def _series_verdict(predictor, good: list, probs: np.ndarray):
     decoded = [d for _, d, _ in good]
     threshold = None if predictor.ood is None else float(predictor.ood.threshold)
     scores = [p.ood_score for p, _, _ in good if p.ood_score is not None]
-    flagged = threshold is not None and sum(s > threshold for s in scores) * 2 > len(good)
-    return verdict(predictor.classes[top], float(probs[top]), uncertain_below=predictor.uncertain_below,
-                   is_colour=sum(d.is_colour for d in decoded) * 2 > len(decoded),
-                   colourfulness=float(np.mean([d.colourfulness for d in decoded])),
-                   has_detector=predictor.ood is not None, flagged=flagged,
-                   ood_score=float(np.mean(scores)) if scores else None, ood_threshold=threshold)
+    return series_verdict(predictor.classes[top], float(probs[top]), uncertain_below=predictor.uncertain_below,
+                          analysed=len(good), colour_votes=sum(d.is_colour for d in decoded),
+                          flagged_votes=0 if threshold is None else sum(s > threshold for s in scores),
+                          colourfulness=float(np.mean([d.colourfulness for d in decoded])),
+                          ood_score=float(np.mean(scores)) if scores else None, ood_threshold=threshold,
+                          has_detector=predictor.ood is not None)
 
 
-def analyse_series(predictor, series: PendingSeries, *, max_slices: int, mapping=None) -> SeriesResult | None:
-    """Decode and classify ``max_slices`` evenly spaced instances of ``series``; ``None`` when none of
-    them decodes (every instance then already got a failure status when it arrived)."""
-    chosen = sample_evenly(sorted(series.kept, key=lambda i: i.order), max_slices)
+def _decode(predictor, chosen: list) -> tuple[list, list, list[str]]:
+    """(decoded images, their instances, errors) of the chosen instances."""
     decoded, used, errors = [], [], []
     for k, inst in enumerate(chosen):
         try:
@@ -120,20 +121,61 @@ def analyse_series(predictor, series: PendingSeries, *, max_slices: int, mapping
             used.append(inst)
         except ValueError as exc:  # ImageReadError: already answered with a failure status on arrival
             errors.append(str(exc))
+    return decoded, used, errors
+
+
+def _explain_all(predictor, decoded: list, used: list) -> tuple[list, dict]:
+    """(rows of (prediction, decoded, instance), {class: Explanation}) from batched passes that give each
+    instance's prediction and its map of its own class -- so the representative's map usually comes free,
+    without a second forward pass. Only the best-scoring map per class is kept (memory: a few maps of the
+    original size, not one per instance)."""
+    rows, maps = [], {}
+    for start in range(0, len(decoded), predictor.batch_size):
+        chunk = decoded[start:start + predictor.batch_size]
+        for e, d, inst in zip(predictor.explain_many(chunk), chunk, used[start:start + predictor.batch_size]):
+            if isinstance(e, Exception):
+                continue
+            rows.append((e.prediction, d, inst))
+            c = e.explained_class
+            if c is not None and (c not in maps or e.prediction.probabilities[c] > maps[c].prediction.probabilities[c]):
+                maps[c] = e
+    return rows, maps
+
+
+def _gated_result(series: PendingSeries, stopped: list, errors: list[str]) -> SeriesResult:
+    """Every instance was stopped by the modality gate: out of scope with the gate's sentence, no class."""
+    prediction, image, inst = stopped[0]
+    finding = SeriesFinding(None, {}, "out_of_scope", prediction.verdict_reason, None, "", 0, series.series_uid,
+                            gated=len(stopped))
+    gray = (np.clip(image.pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    study_uid = str(inst.header.get("StudyInstanceUID", ""))
+    return SeriesResult(finding, None, inst.header, np.repeat(gray[:, :, None], 3, axis=2),
+                        [i.header for _, _, i in stopped], study_uid, errors)
+
+
+def analyse_series(predictor, series: PendingSeries, *, max_slices: int, mapping=None) -> SeriesResult | None:
+    """Decode and classify ``max_slices`` evenly spaced instances of ``series``; ``None`` when none of
+    them decodes (every instance then already got a failure status when it arrived)."""
+    chosen = sample_evenly(sorted(series.kept, key=lambda i: i.order), max_slices)
+    decoded, used, errors = _decode(predictor, chosen)
     if not decoded:
         return None
-    predictions = predictor.predict_many(decoded)
-    good = [(p, d, i) for p, d, i in zip(predictions, decoded, used) if not isinstance(p, Exception)]
+    rows, maps = _explain_all(predictor, decoded, used)
+    good = [row for row in rows if row[0].probabilities]          # the network saw these
+    stopped = [row for row in rows if not row[0].probabilities]   # the modality gate stopped these
     if not good:
-        return None
+        return _gated_result(series, stopped, errors) if stopped else None
     probs = np.mean([[p.probabilities[c] for c in predictor.classes] for p, _, _ in good], axis=0)
     top = predictor.classes[int(np.argmax(probs))]
     name, reason = _series_verdict(predictor, good, probs)
     rep = max(good, key=lambda g: g[0].probabilities[top])
-    overlay = predictor.explain(rep[1], top, faithfulness=False).overlay()
-    check = header_check(rep[1].dicom, top, predictor.classes, mapping)
+    own = maps.get(top)
+    if own is None or own.image is not rep[1].pixels:   # its map was of another class: one more pass
+        own = predictor.explain(rep[1], top, faithfulness=False)
+    overlay = own.overlay()
+    check = header_check(rep[1].dicom, top, predictor.classes, mapping or getattr(predictor, "header_mapping", None))
     value = f"{check.field}={check.value}" if check.field else ""
     finding = SeriesFinding(top, {c: float(p) for c, p in zip(predictor.classes, probs)}, name, reason,
-                            check.status, value, len(good), series.series_uid)
+                            check.status, value, len(good), series.series_uid, gated=len(stopped))
     study_uid = str(rep[2].header.get("StudyInstanceUID", ""))
     return SeriesResult(finding, check, rep[2].header, overlay, [i.header for _, _, i in good], study_uid, errors)

@@ -8,6 +8,9 @@ A Comprehensive SR whose content tree holds (relationship CONTAINS unless said o
 * every class's calibrated probability (NUM, unit UCUM "1"), averaged over the analysed instances;
 * the verdict (CODE) and its reason (TEXT), and "NOT FOR DIAGNOSTIC USE";
 * the header check (CODE: agrees / disagrees / no_header / not_mapped) and the header value it read;
+* how many instances were analysed and, when the modality gate stopped some (``MS-GATED``), how many it
+  stopped; a series it stopped entirely has no finding site, no probabilities and no header check, only
+  the verdict ``out_of_scope`` and the gate's sentence as its reason;
 * the algorithm identification (HAS OBS CONTEXT): name (DCM 111001), version (DCM 111003) and the
   checkpoint's sha256 as its parameter (DCM 111002); the source series (DCM 112002) and how many of its
   instances were analysed.
@@ -36,16 +39,19 @@ SERIES_NUMBER = 9902
 
 @dataclass(frozen=True)
 class SeriesFinding:
-    """The answer for one series, as the SR and the SC report it."""
+    """The answer for one series, as the SR and the SC report it. ``top_class`` and ``header_status`` are
+    ``None`` (and ``probabilities`` empty) when the modality gate stopped every instance: there is no class
+    to report or to check against the header; ``gated`` counts the instances the gate stopped."""
 
-    top_class: str
+    top_class: str | None
     probabilities: dict[str, float]
     verdict: str
     verdict_reason: str
-    header_status: str
+    header_status: str | None
     header_value: str
     analysed: int
     source_series_uid: str
+    gated: int = 0
 
 
 #: Type 2 attributes of the Patient and General Study modules that highdicom copies from the source: a
@@ -82,6 +88,12 @@ def region_code(class_name: str):
     return _code(class_name.upper()[:16], class_name)
 
 
+def _count(value: str, meaning: str, number: int):
+    from highdicom.sr import NumContentItem
+    return NumContentItem(_code(value, meaning), float(number), _code("1", "no units", "UCUM"),
+                          relationship_type="CONTAINS")
+
+
 def _items(finding: SeriesFinding, algorithm: tuple[str, str, str]) -> list:
     from highdicom.sr import CodeContentItem, NumContentItem, TextContentItem, UIDRefContentItem
 
@@ -92,21 +104,26 @@ def _items(finding: SeriesFinding, algorithm: tuple[str, str, str]) -> list:
         TextContentItem(_code("111003", "Algorithm Version", "DCM"), version, context),
         TextContentItem(_code("111002", "Algorithm Parameters", "DCM"), f"checkpoint sha256 {sha}", context),
         UIDRefContentItem(_code("112002", "Series Instance UID", "DCM"), finding.source_series_uid, context),
-        CodeContentItem(_code("363698007", "Finding site", "SCT"), region_code(finding.top_class), contains),
     ]
+    if finding.top_class is not None:  # None: the modality gate stopped the series, there is no finding
+        items.append(CodeContentItem(_code("363698007", "Finding site", "SCT"), region_code(finding.top_class),
+                                     contains))
     for cls, prob in finding.probabilities.items():
         items.append(NumContentItem(_code(f"MS-P-{cls.upper()}"[:16], f"Probability of {cls}"), float(prob),
                                     _code("1", "no units", "UCUM"), relationship_type=contains))
     items += [
         CodeContentItem(_code("MS-VERDICT", "Verdict"), _code(finding.verdict.upper(), finding.verdict), contains),
         TextContentItem(_code("MS-REASON", "Verdict reason"), finding.verdict_reason, contains),
-        CodeContentItem(_code("MS-HEADER", "Header check"),
-                        _code(finding.header_status.upper(), finding.header_status), contains),
-        TextContentItem(_code("MS-HEADER-VALUE", "Header value checked"), finding.header_value or "(none)", contains),
-        NumContentItem(_code("MS-ANALYSED", "Instances analysed"), float(finding.analysed),
-                       _code("1", "no units", "UCUM"), relationship_type=contains),
-        TextContentItem(_code("MS-NOTICE", "Notice"), "NOT FOR DIAGNOSTIC USE", contains),
     ]
+    if finding.header_status is not None:
+        items += [CodeContentItem(_code("MS-HEADER", "Header check"),
+                                  _code(finding.header_status.upper(), finding.header_status), contains),
+                  TextContentItem(_code("MS-HEADER-VALUE", "Header value checked"), finding.header_value or "(none)",
+                                  contains)]
+    items.append(_count("MS-ANALYSED", "Instances analysed", finding.analysed))
+    if finding.gated:
+        items.append(_count("MS-GATED", "Instances stopped by modality gate", finding.gated))
+    items.append(TextContentItem(_code("MS-NOTICE", "Notice"), "NOT FOR DIAGNOSTIC USE", contains))
     return items
 
 

@@ -19,9 +19,11 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from mediscan.core.verdicts import series_verdict
+
 __all__ = ["DICOM_COLUMNS", "ResumeError", "csv_fields", "error_row", "prediction_row", "path_hash", "DoneSet",
            "row_key", "repair_tail", "check_header", "read_done", "merge_csvs", "Summary", "summarize_csv",
-           "write_series_csv"]
+           "SeriesRecord", "SERIES_COLUMNS", "series_row", "write_series_csv"]
 
 #: Columns for DICOM inputs (empty for other files): the identifiers of the instance and what its header says
 #: it shows, plus the header cross-check (``agrees`` / ``disagrees`` / ``no_header`` / ``not_mapped``).
@@ -56,12 +58,17 @@ def error_row(path: str, message: str, classes: Sequence[str]) -> list[str]:
 
 
 def prediction_row(path: str, prediction, classes: Sequence[str]) -> list[str]:
-    """The row of a predicted file (``prediction``: a Prediction, or an Explanation holding one)."""
+    """The row of a predicted file (``prediction``: a Prediction, or an Explanation holding one). A file the
+    modality gate stopped has verdict ``out_of_scope`` and empty class, confidence and probability cells (the
+    network never saw it); its Modality cell says why."""
     prediction = getattr(prediction, "prediction", prediction)
     ood = "" if prediction.ood_score is None else f"{prediction.ood_score:.3f}"
-    return [path, prediction.top_class, f"{prediction.confidence:.4f}",
-            *(f"{prediction.probabilities[name]:.4f}" for name in classes), prediction.verdict, ood, "",
-            *_dicom_cells(prediction)]
+    if prediction.top_class is None:
+        scores = ["", "", *("" for _ in classes)]
+    else:
+        scores = [prediction.top_class, f"{prediction.confidence:.4f}",
+                  *(f"{prediction.probabilities[name]:.4f}" for name in classes)]
+    return [path, *scores, prediction.verdict, ood, "", *_dicom_cells(prediction)]
 
 
 def _dicom_cells(prediction) -> list[str]:
@@ -220,9 +227,11 @@ class Summary:
         return lines
 
 
-def summarize_csv(path: Path, classes: Sequence[str], per_series: bool = False, shown_errors: int = 10) -> Summary:
-    """Count files, errors, classes and verdicts in the CSV at ``path``; with ``per_series``, also sum the
-    probabilities of each DICOM series (one small record per series, not per file)."""
+def summarize_csv(path: Path, classes: Sequence[str], per_series: bool = False, shown_errors: int = 10, *,
+                  ood_threshold: float | None = None) -> Summary:
+    """Count files, errors, classes and verdicts in the CSV at ``path``; with ``per_series``, also gather each
+    DICOM series' :class:`SeriesRecord` (one small record per series, not per file; ``ood_threshold``, the
+    detector's limit, tells flagged rows from colour ones)."""
     summary = Summary()
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
@@ -233,35 +242,82 @@ def summarize_csv(path: Path, classes: Sequence[str], per_series: bool = False, 
                     summary.errors.append(f"{row['path']}: {row['error']}" if row["path"] not in row["error"]
                                           else row["error"])
                 continue
-            summary.per_class[row["class"]] += 1
+            summary.per_class[row["class"] or "(not analysed)"] += 1
             summary.per_verdict[row["verdict"]] += 1
             if per_series and row.get("series_instance_uid"):
-                _add_to_series(summary.series, row, classes)
+                uid = row["series_instance_uid"]
+                if uid not in summary.series:
+                    summary.series[uid] = SeriesRecord(row["study_instance_uid"], row["modality"],
+                                                       row["body_part_examined"], [0.0] * len(classes))
+                summary.series[uid].add(row, classes, ood_threshold)
     return summary
 
 
-def _add_to_series(series: dict, row: dict, classes: Sequence[str]) -> None:
-    record = series.setdefault(row["series_instance_uid"], {
-        "study_instance_uid": row["study_instance_uid"], "modality": row["modality"],
-        "body_part_examined": row["body_part_examined"], "instances": 0, "sums": [0.0] * len(classes),
-        "header_checks": Counter()})
-    record["instances"] += 1
-    record["sums"] = [total + float(row[f"p_{name}"]) for total, name in zip(record["sums"], classes)]
-    if row["header_check"]:
-        record["header_checks"][row["header_check"]] += 1
+@dataclass
+class SeriesRecord:
+    """What the per-series summary keeps of one series while the CSV streams past: counts and sums only."""
+
+    study_instance_uid: str
+    modality: str
+    body_part_examined: str
+    sums: list[float]
+    instances: int = 0
+    analysed: int = 0            # rows the network saw (the others were stopped by the modality gate)
+    colour_votes: int = 0        # analysed rows out of scope without a detector flag: colour pictures
+    flagged_votes: int = 0       # analysed rows whose out-of-scope score is above the limit
+    score_sum: float = 0.0
+    scored: int = 0
+    header_checks: Counter = field(default_factory=Counter)
+
+    def add(self, row: dict, classes: Sequence[str], ood_threshold: float | None) -> None:
+        """Count one CSV row of this series."""
+        self.instances += 1
+        if row["header_check"]:
+            self.header_checks[row["header_check"]] += 1
+        if not row["class"]:
+            return
+        self.analysed += 1
+        self.sums = [total + float(row[f"p_{name}"]) for total, name in zip(self.sums, classes)]
+        score = float(row["ood_score"]) if row["ood_score"] else None
+        if score is not None:
+            self.score_sum, self.scored = self.score_sum + score, self.scored + 1
+        flagged = score is not None and ood_threshold is not None and score > ood_threshold
+        self.flagged_votes += flagged
+        # The verdict rules test colour before the detector, so an out-of-scope row the detector did not flag
+        # is a colour picture (one it flagged may be both; it counts as flagged).
+        self.colour_votes += row["verdict"] == "out_of_scope" and not flagged
 
 
-def write_series_csv(summary: Summary, target: Path, classes: Sequence[str]) -> None:
-    """One row per DICOM series: its instances, the class of the mean probabilities (as the DICOM node
-    answers a series), those means, and how the instances' headers compared."""
+#: Columns of the per-series summary (``<csv stem>.series.csv``).
+SERIES_COLUMNS = ("study_instance_uid", "series_instance_uid", "modality", "body_part_examined", "instances",
+                  "analysed", "class", "confidence")
+
+
+def series_row(uid: str, record: SeriesRecord, classes: Sequence[str], *, uncertain_below: float,
+               ood_threshold: float | None, has_detector: bool) -> list:
+    """One series' row: its counts, the class and confidence of its mean probabilities, those means, the
+    verdict by the DICOM node's series rule (:func:`mediscan.core.verdicts.series_verdict`) and how its
+    instances' headers compared. A series the modality gate stopped entirely is out of scope, no class."""
+    head = [record.study_instance_uid, uid, record.modality, record.body_part_examined, record.instances,
+            record.analysed]
+    checks = ", ".join(f"{name} {count}" for name, count in sorted(record.header_checks.items()))
+    if not record.analysed:
+        return [*head, "", "", *("" for _ in classes), "out_of_scope", checks]
+    means = [total / record.analysed for total in record.sums]
+    top = max(range(len(classes)), key=means.__getitem__)
+    decision = series_verdict(classes[top], means[top], uncertain_below=uncertain_below, analysed=record.analysed,
+                              colour_votes=record.colour_votes, flagged_votes=record.flagged_votes,
+                              ood_score=record.score_sum / record.scored if record.scored else None,
+                              ood_threshold=ood_threshold, has_detector=has_detector)
+    return [*head, classes[top], f"{means[top]:.4f}", *(f"{mean:.4f}" for mean in means), decision.name, checks]
+
+
+def write_series_csv(summary: Summary, target: Path, classes: Sequence[str], *, uncertain_below: float,
+                     ood_threshold: float | None = None, has_detector: bool = False) -> None:
+    """One row per DICOM series (:func:`series_row`), sorted by SeriesInstanceUID."""
     with open(target, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["study_instance_uid", "series_instance_uid", "modality", "body_part_examined",
-                         "instances", "class", "confidence", *(f"p_{name}" for name in classes), "header_check"])
+        writer.writerow([*SERIES_COLUMNS, *(f"p_{name}" for name in classes), "verdict", "header_check"])
         for uid, record in sorted(summary.series.items()):
-            means = [total / record["instances"] for total in record["sums"]]
-            top = max(range(len(classes)), key=means.__getitem__)
-            checks = ", ".join(f"{name} {count}" for name, count in sorted(record["header_checks"].items()))
-            writer.writerow([record["study_instance_uid"], uid, record["modality"], record["body_part_examined"],
-                             record["instances"], classes[top], f"{means[top]:.4f}",
-                             *(f"{mean:.4f}" for mean in means), checks])
+            writer.writerow(series_row(uid, record, classes, uncertain_below=uncertain_below,
+                                       ood_threshold=ood_threshold, has_detector=has_detector))

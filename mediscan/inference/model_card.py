@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mediscan import NOT_FOR_CLINICAL_USE, __version__
+from mediscan.core.modality_gate import modality_rule
 from mediscan.core.verdicts import out_of_scope_rule
 
 __all__ = ["model_card"]
@@ -32,6 +33,8 @@ def model_card(predictor) -> dict:
         "out_of_scope_check": predictor.ood is not None,
         "out_of_scope": out_of_scope_rule(predictor.ood),
         "ood": meta.get("ood") or None,
+        "modalities": list(predictor.modalities),
+        "modality_gate": modality_rule(predictor.modalities),
         "device": str(predictor.device),
         "backend": predictor.backend,
         "version": __version__,

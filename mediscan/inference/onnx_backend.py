@@ -47,7 +47,7 @@ from mediscan.core.checkpoint import CheckpointError
 from mediscan.core.ood import FINAL_LAYER
 from mediscan.core.runtime import select_device
 
-__all__ = ["BACKENDS", "AUTO_PREFERS_ONNX_ON_CPU", "INPUT_NAME", "OUTPUT_NAMES", "OPSET", "pooled_output_name",
+__all__ = ["BACKENDS", "AUTO_PREFERS_ONNX_ON_CPU", "ONNX_RUN_BATCH", "INPUT_NAME", "OUTPUT_NAMES", "OPSET", "pooled_output_name",
            "exported_taps", "OnnxBackendError", "StaleOnnxError", "OnnxRuntimeMissingError", "OnnxClassifier",
            "onnx_path_for", "export_command", "file_sha256", "optional_module", "onnx_session", "load_onnx_classifier",
            "backend_device", "select_backend"]
@@ -68,6 +68,15 @@ FORMAT = "mediscan-onnx/1"
 #: docs/benchmarks.md, "ONNX Runtime vs PyTorch on the CPU"). It never exports one itself: ONNX stays
 #: opt-in (one --export-onnx), and a stale export falls back to PyTorch with a warning.
 AUTO_PREFERS_ONNX_ON_CPU = True
+
+#: Images per ONNX Runtime ``session.run`` call. A batch is fed to the session this many images at a time
+#: and the outputs joined: on the 2-core CPU, one intra-op thread, ONNX Runtime's DenseNet at 224 px ran
+#: batch 8 at 0.6-0.9x the per-image speed of batch 1 (the activations of 8 images no longer fit the
+#: caches; with 2 threads the two were even), and ``predict_many(8)`` had measured slower than one image
+#: at a time. Feeding the rows one by one keeps everything else batched (preprocessing, calibration, the
+#: out-of-scope scores, Grad-CAM) and the session at its best size; it was never the slower of the two.
+#: Figures: docs/benchmarks.md ("ONNX Runtime and folder mode: batched against one at a time").
+ONNX_RUN_BATCH = 1
 
 
 class OnnxBackendError(CheckpointError):
@@ -138,11 +147,16 @@ def exported_taps(layers) -> tuple[str, ...]:
 
 def onnx_session(model: bytes | str, threads: int | None):
     """An ONNX Runtime session on the CPU for a file path or serialised model; ``threads``: intra-op threads
-    (default: torch's thread count). One sequential executor: ``run`` may be called from many threads."""
+    (default: torch's thread count). One sequential executor: ``run`` may be called from many threads.
+
+    Its intra-op threads sleep between operators instead of spinning: a spinning pool keeps every core
+    busy between calls, taking them from the threads that decode the next files (folder mode, the API's
+    request threads) and from other processes on a shared machine."""
     ort = _import_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3          # errors only
@@ -172,11 +186,14 @@ class OnnxClassifier(nn.Module):
     read-only Linear layer, and is always in eval mode.
     """
 
-    def __init__(self, session, fc: nn.Linear, path: Path):
+    def __init__(self, session, fc: nn.Linear, path: Path, run_batch: int = ONNX_RUN_BATCH):
         super().__init__()
+        if run_batch < 1:
+            raise ValueError(f"run_batch must be >= 1, got {run_batch}")
         self.session = session
         self.head = _Head(fc)
         self.path = path
+        self.run_batch = int(run_batch)
         self.eval()
 
     def train(self, mode: bool = True) -> "OnnxClassifier":
@@ -203,9 +220,15 @@ class OnnxClassifier(nn.Module):
         return feature_map, {name: pooled[name] for name in layers}
 
     def _outputs(self, x: torch.Tensor, names) -> list[torch.Tensor]:
-        """One session call: the graph outputs ``names`` for ``x``, as CPU float32 tensors."""
-        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return [torch.from_numpy(value) for value in self.session.run(list(names), {INPUT_NAME: array})]
+        """The graph outputs ``names`` for ``x``, as CPU float32 tensors: one session call per
+        :attr:`run_batch` rows (:data:`ONNX_RUN_BATCH`), joined along the batch."""
+        array = x.detach().to("cpu", torch.float32).numpy()
+        names = list(names)
+        parts = [self.session.run(names, {INPUT_NAME: np.ascontiguousarray(array[start:start + self.run_batch])})
+                 for start in range(0, max(len(array), 1), self.run_batch)]
+        if len(parts) == 1:
+            return [torch.from_numpy(value) for value in parts[0]]
+        return [torch.from_numpy(np.concatenate(values)) for values in zip(*parts)]
 
 
 def load_onnx_classifier(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike, fc: nn.Linear,

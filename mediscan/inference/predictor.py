@@ -23,6 +23,11 @@ Backends: the network runs in PyTorch, or on the CPU in ONNX Runtime from an exp
 checkpoint (``backend="onnx"``; ``"auto"`` picks it when that is faster and the file is up to date,
 see :mod:`mediscan.inference.onnx_backend`). Everything around the network is the same code for both.
 
+Modality gate: a DICOM input whose Modality or SOP class is outside the checkpoint's ``meta["modalities"]``
+(:mod:`mediscan.core.modality_gate`) is answered ``out_of_scope`` at :meth:`Predictor.prepare` time and never
+enters a batch: its Prediction has ``top_class=None``, ``confidence=None`` and no probabilities. DICOM answers
+carry the header summary and the header check (:mod:`mediscan.core.dicom_header`).
+
 Verdicts (confident / uncertain / out_of_scope) come from :func:`mediscan.core.verdicts.verdict`; the
 results are :mod:`mediscan.inference.results`, the checkpoint lookup :mod:`mediscan.inference.checkpoint_path`
 and the "about" facts :mod:`mediscan.inference.model_card`.
@@ -39,7 +44,9 @@ import numpy as np
 import torch
 
 from mediscan.core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from mediscan.core.dicom_header import HeaderMapping, header_check
 from mediscan.core.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
+from mediscan.core.modality_gate import checkpoint_modalities, modality_gate
 from mediscan.core.ood import OODDetector
 from mediscan.core.preprocessing import CropGeometry, preprocess
 from mediscan.core.verdicts import DEFAULT_UNCERTAIN_BELOW, VERDICTS, verdict
@@ -74,9 +81,10 @@ class PreparedImage(NamedTuple):
     decode in worker threads, like the archive runner, hand batches of them to :meth:`Predictor.run_prepared`."""
 
     decoded: DecodedImage
-    tensor: torch.Tensor          # (1, S, S) model input
-    geometry: CropGeometry        # where that square came from in the decoded image
+    tensor: torch.Tensor | None   # (1, S, S) model input (None when the modality gate stopped the input)
+    geometry: CropGeometry | None # where that square came from in the decoded image
     timings: dict[str, float]     # decode and preprocess milliseconds
+    stop: str | None = None       # the modality gate's sentence: this input never reaches the network
 
 
 @dataclass(frozen=True)
@@ -102,13 +110,16 @@ class Predictor:
             :mod:`mediscan.inference.onnx_backend`) or ``"auto"`` (ONNX on the CPU when an up-to-date export exists
             and ONNX Runtime is the faster one, else PyTorch).
         onnx_path: the ONNX file (default: next to the checkpoint, ``best.onnx`` for ``best.safetensors``).
+        header_mapping: the header-check table (:class:`~mediscan.core.dicom_header.HeaderMapping`, e.g. from
+            ``--header-map FILE``); ``None`` = the default table, or the file ``$MEDISCAN_HEADER_MAP`` names.
 
     Raises :class:`ModelNotFoundError` when there is no checkpoint file, :class:`CheckpointError`
     when it cannot be used (:class:`~mediscan.inference.onnx_backend.OnnxBackendError`, a subclass, when
     ``backend="onnx"`` cannot be: no export, a stale one, no onnxruntime).
 
     Attributes: ``checkpoint_path``, ``classes`` (tuple), ``meta`` (the checkpoint's metadata),
-    ``input_size``, ``temperature``, ``device``, ``ood`` (:class:`OODDetector` or ``None``),
+    ``input_size``, ``temperature``, ``device``, ``ood`` (:class:`OODDetector` or ``None``), ``modalities``
+    (the DICOM modalities the model was trained on: ``meta["modalities"]`` or the documented default),
     ``max_pixels``, ``uncertain_below``, ``batch_size`` (default of the batched calls), ``backend``
     (``"torch"`` or ``"onnx"``: the one in use),
     ``net`` (what runs: ``model`` itself, or an :class:`~mediscan.inference.onnx_backend.OnnxClassifier`).
@@ -116,7 +127,8 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str | torch.device | None = None,
                  *, max_pixels: int = DEFAULT_MAX_PIXELS, uncertain_below: float = DEFAULT_UNCERTAIN_BELOW,
-                 backend: str = "auto", onnx_path: str | os.PathLike | None = None):
+                 backend: str = "auto", onnx_path: str | os.PathLike | None = None,
+                 header_mapping: HeaderMapping | None = None):
         if not 0.0 <= uncertain_below <= 1.0:
             raise ValueError(f"uncertain_below must be in [0, 1], got {uncertain_below}")
         self.checkpoint_path = resolve_checkpoint_path(checkpoint)
@@ -130,6 +142,8 @@ class Predictor:
         self.input_size: int = loaded.preprocessing.input_size
         self.temperature: float = _valid_temperature(loaded.temperature)
         self.ood: OODDetector | None = _detector(loaded, self.checkpoint_path)
+        self.modalities: tuple[str, ...] = _modalities(self.meta, self.checkpoint_path)
+        self.header_mapping = header_mapping
         self.max_pixels = int(max_pixels)
         self.uncertain_below = float(uncertain_below)
         self.batch_size = CPU_BATCH_SIZE if self.device.type == "cpu" else GPU_BATCH_SIZE
@@ -152,7 +166,7 @@ class Predictor:
         ``name`` labels bytes / file-like input (e.g. the upload's file name).
         Raises :class:`ImageReadError` (with a user-facing message) when the input cannot be decoded.
         """
-        return self._forward([self.prepare(image, name)]).predictions[0]
+        return self.run_prepared([self.prepare(image, name)])[0]
 
     def explain(self, image: ImageInput, class_name: str | None = None, *, name: str | None = None,
                 method: str = "gradcam", faithfulness: bool = True) -> Explanation:
@@ -165,6 +179,8 @@ class Predictor:
         """
         target = None if class_name is None else self.class_index(class_name)
         item = self.prepare(image, name)
+        if item.stop is not None:                  # the modality gate: no network, so no map to explain
+            return self._stopped_explanation(item, method)
         run = self._forward([item], None if target is None else [target], method)
         explanation = self._explanation(run, 0, item, method)
         if faithfulness:
@@ -207,6 +223,9 @@ class Predictor:
         else:
             decoded = read_image(image, name=name, max_pixels=self.max_pixels)
         decode_ms = _ms_since(t0)
+        stop = modality_gate(decoded.dicom, self.modalities)
+        if stop is not None:
+            return PreparedImage(decoded, None, None, {"decode": decode_ms, "preprocess": 0.0}, stop)
         t0 = time.perf_counter()
         tensor, geometry = preprocess(decoded.pixels, self.input_size)
         return PreparedImage(decoded, tensor, geometry, {"decode": decode_ms, "preprocess": _ms_since(t0)})
@@ -244,7 +263,7 @@ class Predictor:
         probs = torch.softmax(logits.detach().float() / self.temperature, dim=1).cpu()
         if self.ood is None:
             return probs, None, None
-        scores = self.ood.score(pooled)
+        scores = self.ood.score(pooled, logits)   # logits: for the energy part of OE-trained checkpoints
         return probs, scores, self.ood.flag(scores)   # the same rule as OODDetector.is_out_of_scope
 
     def _prediction(self, item: PreparedImage, probs: torch.Tensor, score: float | None, flagged: bool,
@@ -259,8 +278,23 @@ class Predictor:
                            ood_threshold=None if self.ood is None else self.ood.threshold)
         timings = {**item.timings, "model": model_ms}
         timings["total"] = sum(timings.values())
+        check = None if decoded.dicom is None else header_check(
+            decoded.dicom, self.classes[top], self.classes, self.header_mapping).to_dict()
         return Prediction(decoded.source, self.classes, probabilities, self.classes[top], confidence,
-                          decision.name, decision.reason, score, timings, tuple(decoded.warnings))
+                          decision.name, decision.reason, score, timings, tuple(decoded.warnings),
+                          _header_dict(decoded), check)
+
+    def _stopped(self, item: PreparedImage) -> Prediction:
+        """The answer for an input the modality gate stopped: out of scope, no class, no probabilities."""
+        timings = {**item.timings, "model": 0.0}
+        timings["total"] = sum(timings.values())
+        decoded = item.decoded
+        return Prediction(decoded.source, self.classes, {}, None, None, "out_of_scope", item.stop, None, timings,
+                          tuple(decoded.warnings), _header_dict(decoded), None)
+
+    def _stopped_explanation(self, item: PreparedImage, method: str) -> Explanation:
+        pixels = item.decoded.pixels
+        return Explanation(self._stopped(item), None, method, pixels, np.zeros(pixels.shape, np.float32))
 
     def _explanation(self, run: _Forward, row: int, item: PreparedImage, method: str) -> Explanation:
         """Row ``row``'s prediction and its map, mapped back onto the decoded image (0 outside the crop)."""
@@ -277,10 +311,18 @@ class Predictor:
 
     def run_prepared(self, items: Sequence[PreparedImage], *, with_maps: bool = False) -> list:
         """ONE batched forward pass over prepared images: a :class:`Prediction` (``with_maps``: an
-        :class:`Explanation` of the predicted class) per item, in order."""
-        run = self._forward(items)
-        return [self._explanation(run, row, item, "gradcam") if with_maps else run.predictions[row]
-                for row, item in enumerate(items)]
+        :class:`Explanation` of the predicted class) per item, in order. Items the modality gate stopped
+        (``item.stop``) stay out of the batch and get their out-of-scope answer (all-zero map) directly."""
+        runnable = [item for item in items if item.stop is None]
+        run = self._forward(runnable) if runnable else None
+        results, row = [], 0
+        for item in items:
+            if item.stop is not None:
+                results.append(self._stopped_explanation(item, "gradcam") if with_maps else self._stopped(item))
+                continue
+            results.append(self._explanation(run, row, item, "gradcam") if with_maps else run.predictions[row])
+            row += 1
+        return results
 
     def _run_many(self, images: Iterable[ImageInput], batch_size: int | None, names, *, with_maps: bool,
                   progress=None) -> list:
@@ -330,6 +372,17 @@ def _valid_temperature(value: float) -> float:
     if not np.isfinite(value) or value <= 0:
         raise CheckpointError(f"checkpoint temperature must be a positive number, got {value}")
     return value
+
+
+def _header_dict(decoded: DecodedImage) -> dict | None:
+    return None if decoded.dicom is None else decoded.dicom.to_dict()
+
+
+def _modalities(meta: dict, path: os.PathLike) -> tuple[str, ...]:
+    try:
+        return checkpoint_modalities(meta)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} has damaged metadata: {exc}; retrain or restore the checkpoint.") from None
 
 
 def _detector(loaded: LoadedCheckpoint, path: os.PathLike) -> OODDetector | None:

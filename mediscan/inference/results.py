@@ -20,9 +20,11 @@ class Prediction:
     Attributes:
         source: the image's label (file path, upload name, or ``name=`` given by the caller).
         classes: class names in the model's output order.
-        probabilities: ``{class: probability}``, temperature-calibrated, summing to 1.
-        top_class: the most probable class (reported even when the verdict is not ``confident``).
-        confidence: its probability.
+        probabilities: ``{class: probability}``, temperature-calibrated, summing to 1; empty when the
+            modality gate stopped the input (:mod:`mediscan.core.modality_gate`: it never reached the network).
+        top_class: the most probable class (reported even when the verdict is not ``confident``); ``None``
+            when the modality gate stopped the input.
+        confidence: its probability (``None`` when the gate stopped the input).
         verdict: ``"confident"``, ``"uncertain"`` or ``"out_of_scope"``.
         verdict_reason: one plain-language sentence explaining the verdict.
         ood_score: out-of-scope score (the largest of the per-layer Mahalanobis distances, each relative
@@ -31,22 +33,35 @@ class Prediction:
         timings_ms: ``decode``, ``preprocess``, ``model`` (forward + calibration + OOD) and ``total``
             milliseconds (in batched calls ``model`` is this image's share of the batch).
         warnings: non-fatal notes from decoding (multi-frame DICOM, ignored EXIF, ...).
+        dicom: for DICOM input, the header summary (:meth:`mediscan.core.dicom_header.DicomHeader.to_dict`:
+            Study/Series/SOP Instance UID, Modality, BodyPartExamined; never a patient field); ``None`` otherwise.
+        header_check: for DICOM input, how the header compares with ``top_class``
+            (:meth:`mediscan.core.dicom_header.HeaderCheck.to_dict`: status agrees / disagrees / no_header /
+            not_mapped, the field and value read, the classes it allows); ``None`` for other input and for
+            input the modality gate stopped (there is no class to compare).
     """
 
     source: str
     classes: tuple[str, ...]
     probabilities: dict[str, float]
-    top_class: str
-    confidence: float
+    top_class: str | None
+    confidence: float | None
     verdict: str
     verdict_reason: str
     ood_score: float | None
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    dicom: dict | None = None
+    header_check: dict | None = None
 
     @property
     def is_out_of_scope(self) -> bool:
         return self.verdict == "out_of_scope"
+
+    @property
+    def analysed(self) -> bool:
+        """Whether the network saw the input (``False``: the modality gate stopped it)."""
+        return self.top_class is not None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain str/float/list/None values only)."""
@@ -55,12 +70,14 @@ class Prediction:
             "classes": list(self.classes),
             "probabilities": {k: float(v) for k, v in self.probabilities.items()},
             "top_class": self.top_class,
-            "confidence": float(self.confidence),
+            "confidence": None if self.confidence is None else float(self.confidence),
             "verdict": self.verdict,
             "verdict_reason": self.verdict_reason,
             "ood_score": None if self.ood_score is None else float(self.ood_score),
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "warnings": list(self.warnings),
+            "dicom": None if self.dicom is None else dict(self.dicom),
+            "header_check": None if self.header_check is None else dict(self.header_check),
         }
 
 
@@ -70,7 +87,8 @@ class Explanation:
 
     Attributes:
         prediction: the :class:`Prediction` from the same forward pass.
-        explained_class: the class the heatmap is for (the predicted one unless asked otherwise).
+        explained_class: the class the heatmap is for (the predicted one unless asked otherwise); ``None``
+            when the modality gate stopped the input (the heatmap is then all zeros: the network never ran).
         method: the CAM method (``"gradcam"`` or ``"gradcam++"``).
         image: ``(H, W)`` float32 in [0, 1], the image as decoded (original size and orientation).
         heatmap: ``(H, W)`` float32 in [0, 1] on the same pixels; zero outside the square the model saw.
@@ -81,15 +99,18 @@ class Explanation:
     """
 
     prediction: Prediction
-    explained_class: str
+    explained_class: str | None
     method: str
     image: np.ndarray
     heatmap: np.ndarray
     faithfulness: dict[str, float] = field(default_factory=dict)
 
     def overlay(self, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
-        """``(H, W, 3)`` RGB uint8: the heatmap blended over the image. Cheap: no model call."""
+        """``(H, W, 3)`` RGB uint8: the heatmap blended over the image. Cheap: no model call. An input the
+        modality gate stopped has no heatmap: its overlay is the image alone (no colour wash of an empty map)."""
         from mediscan.explain.overlays import overlay
+        if self.explained_class is None:
+            alpha = 0.0
         return overlay(self.image, self.heatmap, alpha=alpha, colormap=colormap)
 
     def overlay_png(self, alpha: float = 0.4, colormap: str = "jet") -> bytes:

@@ -34,11 +34,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 2
+    cache_dir: str | None = None           # decoded uint8 pixels on disk (None: in RAM)
     amp: bool = True
     cuda_graphs: bool = True
     resume: bool = False
     progress: bool = True
     gallery: bool = True
+    modalities: str | None = None          # DICOM modalities for meta["modalities"] (None: from the data)
+    outlier_exposure: bool = False         # stage 2 also trains on synthetic outliers (training/outliers.py)
+    oe_weight: float = 0.1                 # weight of the energy-margin loss on in-scope images and outliers
+    oe_fraction: float = 0.5               # outliers per step, as a share of the batch
 
     @property
     def total_epochs(self) -> int:

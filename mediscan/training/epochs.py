@@ -15,10 +15,12 @@ from torch import nn
 
 from mediscan.core.dataset import TensorSplit
 from mediscan.core.model import OrganClassifier
+from mediscan.core.pixel_cache import gather, to_model_range
 from mediscan.core.runtime import autocast, predict_split, to_memory_format
 from mediscan.training.augment import augment_batch
 from mediscan.training.config import TrainConfig
 from mediscan.training.distributed import DistEnv
+from mediscan.training.outliers import outlier_exposure_loss
 
 #: One step of a loop: the start of its batch -> (loss, logits, labels), or None to skip that batch.
 Step = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
@@ -60,13 +62,14 @@ def wrap_for_stage(model: OrganClassifier, stage: int, env: DistEnv, device: tor
 
 
 @torch.no_grad()
-def calibrate_batchnorm(features: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+def calibrate_batchnorm(features: nn.Module, images, batch_size: int, device: torch.device,
                         max_images: int = 2048) -> None:
     """Re-estimate BatchNorm running statistics of a randomly initialised backbone on training images.
 
     A fresh backbone's statistics (mean 0, variance 1) are meaningless for [-1024, 1024] inputs, and
     stage 1 keeps them frozen, so without this the frozen features would be scaled by ~1000 and the
     head would start from huge logits. Pretrained backbones keep the statistics they were trained with.
+    ``images``: model-range floats, or a split's uint8 ``pixels`` (converted per batch on ``device``).
     """
     norms = [m for m in features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved_momentum = [m.momentum for m in norms]
@@ -77,7 +80,7 @@ def calibrate_batchnorm(features: nn.Module, images: torch.Tensor, batch_size: i
     features.train()
     try:
         for start in range(0, min(len(images), max_images), batch_size):
-            features(images[start:start + batch_size].to(device))
+            features(to_model_range(gather(images, slice(start, start + batch_size), device)))
     finally:
         for m, momentum in zip(norms, saved_momentum):
             m.momentum = momentum
@@ -97,18 +100,21 @@ def epoch_generator(config: TrainConfig, epoch: int, rank: int, device: torch.de
 
 
 @torch.no_grad()
-def pooled_training_features(model: OrganClassifier, images: torch.Tensor, config: TrainConfig,
-                             device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+def pooled_training_features(model: OrganClassifier, split: TensorSplit, indices: torch.Tensor | None,
+                             config: TrainConfig, device: torch.device,
+                             generator: torch.Generator | None) -> torch.Tensor:
     """Frozen-backbone features of (augmented) training images, computed in large no-grad batches.
 
     Stage 1 only trains the head's Linear layer, which sees nothing but these pooled features, so the
     backbone runs once per image per epoch without keeping activations -- and once for the whole
-    stage when augmentation is off.
+    stage when augmentation is off. ``indices``: the rows of ``split`` to use, in order (None: all of them).
     """
     model.features.eval()                     # frozen means frozen: BatchNorm uses, never updates, its statistics
     chunks = []
-    for start in range(0, len(images), config.batch_size * 8):
-        batch = images[start:start + config.batch_size * 8].to(device, non_blocking=True)
+    count = len(split) if indices is None else len(indices)
+    for start in range(0, count, config.batch_size * 8):
+        rows = slice(start, start + config.batch_size * 8)
+        batch = split.batch(rows if indices is None else indices[rows], device)
         if config.augment and generator is not None:
             batch = augment_batch(batch, generator)
         with autocast(device, config.amp):
@@ -137,9 +143,9 @@ def train_full_epoch(model: OrganClassifier, network: nn.Module, split: TensorSp
     :class:`~mediscan.training.graphed_step.GraphedTrainStep` for full batches. Returns [loss sum, correct,
     seen]."""
     def step(start: int):
-        index = indices[start:start + local_batch].to(split.images.device)
-        images = split.images[index].to(device, non_blocking=True)
-        labels = split.labels[index].to(device, non_blocking=True)
+        index = indices[start:start + local_batch]
+        images = split.batch(index, device)          # uint8 rows, converted to model range on the device
+        labels = split.labels[index.to(split.labels.device)].to(device, non_blocking=True)
         if graphed is not None:
             if len(index) != local_batch:
                 return None                   # the graph has a fixed shape: drop the last partial batch
@@ -147,6 +153,10 @@ def train_full_epoch(model: OrganClassifier, network: nn.Module, split: TensorSp
             return loss, logits, labels
         if config.augment:
             images = augment_batch(images, generator)
+        if config.outlier_exposure:         # synthetic outliers ride along in the same forward pass
+            loss, logits = outlier_exposure_loss(network, images, labels, criterion, config, generator, device)
+            _optimize(optimizer, loss)
+            return loss, logits, labels
         with autocast(device, config.amp):
             logits = network(to_memory_format(images, device))
         loss = criterion(logits.float(), labels)
@@ -202,7 +212,7 @@ def _progress(iterable, desc: str, enabled: bool):
 def validate(model: OrganClassifier, split: TensorSplit, criterion: nn.Module, config: TrainConfig,
              device: torch.device) -> dict:
     """Validation loss (same class weighting as training) and accuracy."""
-    logits, _ = predict_split(model, split.images, config.batch_size * 4, device, config.amp)
+    logits, _ = predict_split(model, split.pixels, config.batch_size * 4, device, config.amp)
     labels = split.labels.cpu()
     if not len(labels):
         return {"val_loss": float("nan"), "val_acc": 0.0}

@@ -32,17 +32,20 @@ __all__ = ["finalize", "fit_detector", "refit_ood"]
 
 
 def fit_detector(model: OrganClassifier, train: TensorSplit, val: TensorSplit, batch_size: int,
-                 device: torch.device, n_classes: int | None = None) -> tuple[OODDetector, torch.Tensor]:
+                 device: torch.device, n_classes: int | None = None,
+                 energy: bool = False) -> tuple[OODDetector, torch.Tensor]:
     """The out-of-scope detector of ``model`` (statistics on ``train``, threshold on ``val``) and the fp32
     validation logits computed on the way.
 
     fp32 even where training ran under bf16 autocast: the Predictor answers in fp32, and the temperature
     and the out-of-scope threshold only mean what they promise ("at most 5 % of validation flagged") on
     the numbers it computes (docs/benchmarks.md, "Training: the out-of-scope fit runs in fp32").
+    ``energy``: the classifier's free energy joins the score (models trained with outlier exposure).
     """
-    val_logits, val_pooled = predict_split(model, val.images, batch_size, device, amp=False, layers=DEFAULT_LAYERS)
-    _, train_pooled = predict_split(model, train.images, batch_size, device, amp=False, layers=DEFAULT_LAYERS)
-    return fit_ood(train_pooled, train.labels.cpu(), val_pooled, n_classes=n_classes), val_logits
+    val_logits, val_pooled = predict_split(model, val.pixels, batch_size, device, amp=False, layers=DEFAULT_LAYERS)
+    _, train_pooled = predict_split(model, train.pixels, batch_size, device, amp=False, layers=DEFAULT_LAYERS)
+    return fit_ood(train_pooled, train.labels.cpu(), val_pooled, n_classes=n_classes,
+                   val_logits=val_logits if energy else None), val_logits
 
 
 def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplits, config: TrainConfig,
@@ -55,12 +58,13 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     best = load_checkpoint(best_path, device)
     model, meta = best.model, best.meta
     batch = config.batch_size * 4
-    detector, val_logits = fit_detector(model, data["train"], data["val"], batch, device)
+    detector, val_logits = fit_detector(model, data["train"], data["val"], batch, device,
+                                        energy=config.outlier_exposure)
     temperature = fit_temperature(val_logits, data["val"].labels)
     val_metrics = classification_metrics(val_logits, data["val"].labels, splits.classes, temperature)
     test_metrics = None
     if len(data["test"]):
-        test_logits, _ = predict_split(model, data["test"].images, batch, device, amp=False)
+        test_logits, _ = predict_split(model, data["test"].pixels, batch, device, amp=False)
         test_metrics = classification_metrics(test_logits, data["test"].labels, splits.classes, temperature)
     meta.update(temperature=temperature, ood=detector.to_meta(),
                 metrics={"val": _headline(val_metrics), "test": _headline(test_metrics)})
@@ -128,7 +132,8 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     size = loaded.preprocessing.input_size
     train = _readable_split(splits, "train", size, workers, skip_bad, data, log)
     val = _readable_split(splits, "val", size, workers, skip_bad, data, log)
-    detector, _ = fit_detector(loaded.model, train, val, batch_size, torch_device, n_classes=len(loaded.classes))
+    detector, _ = fit_detector(loaded.model, train, val, batch_size, torch_device, n_classes=len(loaded.classes),
+                               energy=bool(train_args.get("outlier_exposure")))
     meta = dict(loaded.meta, ood=detector.to_meta())
     target = Path(out) / checkpoint.name if out else checkpoint
     target.parent.mkdir(parents=True, exist_ok=True)

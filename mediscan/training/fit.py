@@ -54,6 +54,7 @@ from mediscan.training.epochs import (
     wrap_for_stage,
 )
 from mediscan.training.finalize import finalize
+from mediscan.training.modalities import training_modalities
 from mediscan.training.resume import resume, save_epoch
 
 __all__ = ["FitResult", "TrainConfig", "fit", "is_better", "peak_memory_summary"]
@@ -93,7 +94,8 @@ class _Run:
 
     @property
     def use_graphs(self) -> bool:
-        return self.device.type == "cuda" and self.config.cuda_graphs and not self.env.enabled
+        return (self.device.type == "cuda" and self.config.cuda_graphs and not self.env.enabled
+                and not self.config.outlier_exposure)   # the captured step has no outlier half
 
 
 def _fit(config: TrainConfig, env: DistEnv, log: Callable[[str], None]) -> FitResult:
@@ -136,7 +138,7 @@ def _prepare_data(config: TrainConfig, device: torch.device,
     for line in describe_dataset(splits, config):
         log(line)
     data, splits = load_tensors(splits, config, log)
-    return splits, to_device(data, device)
+    return splits, to_device(data, device, log)
 
 
 def _build(config: TrainConfig, splits: DatasetSplits, env: DistEnv, device: torch.device,
@@ -152,7 +154,8 @@ def _build(config: TrainConfig, splits: DatasetSplits, env: DistEnv, device: tor
         + f", ready in {time.perf_counter() - build_start:.1f}s")
     meta = new_metadata(splits.classes, PreprocessConfig(config.input_size), weight_source, config.dropout,
                         train_args={**dataclasses.asdict(config), "world_size": env.world_size},
-                        dataset_fingerprint=splits.fingerprint)
+                        dataset_fingerprint=splits.fingerprint,
+                        modalities=training_modalities((s.path for s in splits.split("train")), config.modalities))
     return model, meta
 
 
@@ -163,7 +166,7 @@ def _start(run: _Run, splits: DatasetSplits) -> int:
     """
     config, first_epoch = run.config, 1
     if config.weights.lower() == "none" and not config.resume:
-        calibrate_batchnorm(run.model.features, run.train.images, config.batch_size * 4, run.device)
+        calibrate_batchnorm(run.model.features, run.train.pixels, config.batch_size * 4, run.device)
     if config.resume:
         first_epoch, run.history, run.best, run.optimizer = resume(run.model, splits, config, run.device, run.log,
                                                                    run.use_graphs)
@@ -231,11 +234,10 @@ def _head_epoch(run: _Run, epoch: int, indices: torch.Tensor, generator: torch.G
     """Stage 1 on pooled features: fresh ones per epoch under augmentation, else computed once and reused."""
     config, train = run.config, run.train
     if config.augment:
-        pooled = pooled_training_features(run.model, train.images[indices.to(train.images.device)], config,
-                                          run.device, generator)
+        pooled = pooled_training_features(run.model, train, indices, config, run.device, generator)
     else:                                     # nothing changes between stage-1 epochs: compute once
         if run.cached_pooled is None:
-            run.cached_pooled = pooled_training_features(run.model, train.images, config, run.device, None)
+            run.cached_pooled = pooled_training_features(run.model, train, None, config, run.device, None)
         pooled = run.cached_pooled[indices.to(run.cached_pooled.device)]
     labels = train.labels[indices.to(train.labels.device)].to(run.device)
     return train_head_epoch(run.model, run.trainable, pooled, labels, run.optimizer, run.criterion, config,
@@ -248,12 +250,13 @@ def _try_graph(run: _Run, indices: torch.Tensor):
     if len(indices) < run.local_batch:
         return None
     train, device = run.train, run.device
-    first = indices[:run.local_batch].to(train.images.device)
+    first = indices[:run.local_batch]
     try:
         set_train_mode(run.model, 2)
         step = GraphedTrainStep(run.model, run.optimizer, run.criterion,
-                                to_memory_format(train.images[first].to(device), device),
-                                train.labels[first].to(device), augment=run.config.augment, amp=run.config.amp)
+                                to_memory_format(train.batch(first, device), device),
+                                train.labels[first.to(train.labels.device)].to(device),
+                                augment=run.config.augment, amp=run.config.amp)
         run.log("stage 2 runs as a captured CUDA graph (whole step replayed per batch)")
         return step
     except Exception as exc:  # noqa: BLE001 -- graphs are an optimisation; eager training is always correct

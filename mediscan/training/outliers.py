@@ -1,0 +1,173 @@
+"""Outlier exposure: synthetic "none of these" images made from training images, and the energy-margin loss.
+
+Why: a four-class softmax trained on organs only ever learns to tell organs apart, so whatever it has
+never seen (a spine film, a texture, a page of text) lands somewhere among them, often confidently.
+Outlier exposure (Hendrycks et al. 2019) shows the network examples of "not an organ" while it trains and
+asks it to answer them differently. Here the examples are made on the fly from the training batch itself
+-- never from the benchmark or ``near_ood`` images, which only measure -- so nothing is downloaded and no
+outlier set has to be shipped (synthetic-outlier training: Narayanaswamy et al., ICCV-W 2023).
+
+Kinds (:data:`OUTLIER_KINDS`), each keeps local image statistics but destroys anatomy:
+
+* ``patch_shuffle``: the image cut into 4x4 tiles, tiles permuted (texture kept, layout gone);
+* ``phase_scramble``: Fourier magnitude kept, phase randomised (same spectrum, no structure);
+* ``mosaic``: quadrants cut from four different images of the batch (mixes of classes);
+* ``warp``: a strong sinusoidal displacement field (non-anatomical bending);
+* ``texture``: procedural band-limited noise plus oriented stripes (no source image at all).
+
+Loss (:func:`energy_margin_loss`, Liu et al. 2020, "Energy-based out-of-distribution detection"): with the
+free energy E(x) = -logsumexp(logits), in-distribution images are pushed below ``margin_in`` and
+outliers above ``margin_out`` by squared hinges. It keeps the four outputs, so no consumer of the
+classifier (CSV, API, DICOM SR, Grad-CAM) changes; an extra "none of these" class would change all of them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mediscan.core.preprocessing import scale_to_model_range, scale_to_unit_range
+
+__all__ = ["OUTLIER_KINDS", "make_outliers", "energy", "energy_margin_loss", "DEFAULT_MARGINS"]
+
+OUTLIER_KINDS = ("patch_shuffle", "phase_scramble", "mosaic", "warp", "texture")
+#: (margin_in, margin_out) of the energy hinge. E = -log 4 = -1.39 for uniform logits; a confident
+#: in-distribution answer (top logit ~6 above the rest) has E ~ -6.
+DEFAULT_MARGINS = (-6.0, -2.0)
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _patch_shuffle(x: torch.Tensor, generator, grid: int = 4) -> torch.Tensor:
+    n, c, h, w = x.shape
+    th, tw = h // grid, w // grid
+    body = x[:, :, :th * grid, :tw * grid]
+    tiles = body.reshape(n, c, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, c, th, tw)
+    order = _rand((n, grid * grid), generator, x.device).argsort(dim=1)
+    tiles = tiles[torch.arange(n, device=x.device)[:, None], order]
+    body = tiles.reshape(n, grid, grid, c, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, th * grid, tw * grid)
+    out = x.clone()
+    out[:, :, :th * grid, :tw * grid] = body
+    return out
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """Each image stretched to [0, 1] (a constant image becomes 0)."""
+    flat = x.flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (x - low) / (high - low).clamp_min(1e-6)
+
+
+def _phase_scramble(x: torch.Tensor, generator) -> torch.Tensor:
+    # The phase of real noise's spectrum is Hermitian-symmetric, so the inverse transform stays real.
+    noise_phase = torch.angle(torch.fft.fft2(_rand(x.shape, generator, x.device)))
+    spectrum = torch.fft.fft2(x)
+    return _normalise(torch.fft.ifft2(spectrum.abs() * torch.exp(1j * noise_phase)).real)
+
+
+def _mosaic(x: torch.Tensor, generator, pool: torch.Tensor) -> torch.Tensor:
+    """Quadrants from four random images of ``pool`` (the whole batch): cut-and-paste mixes of classes."""
+    n, _, h, w = x.shape
+    picks = (_rand((4, n), generator, x.device) * len(pool)).long().clamp_max(len(pool) - 1)
+    out = x.clone()
+    hh, hw = h // 2, w // 2
+    boxes = ((slice(0, hh), slice(0, hw)), (slice(0, hh), slice(hw, w)),
+             (slice(hh, h), slice(0, hw)), (slice(hh, h), slice(hw, w)))
+    for quadrant, (rows, cols) in enumerate(boxes):
+        out[:, :, rows, cols] = pool[picks[quadrant]][:, :, rows, cols]
+    return out
+
+
+def _warp(x: torch.Tensor, generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                            indexing="ij")
+    params = _rand((n, 6), generator, x.device)
+    amp = (0.15 + 0.2 * params[:, 0:2]).view(n, 2, 1, 1)             # displacement: 7-17 % of the side
+    freq = (2.0 + 4.0 * params[:, 2:4]).view(n, 2, 1, 1) * math.pi
+    phase = (params[:, 4:6] * 2 * math.pi).view(n, 2, 1, 1)
+    dx = amp[:, 0] * torch.sin(freq[:, 0] * ys + phase[:, 0])
+    dy = amp[:, 1] * torch.sin(freq[:, 1] * xs + phase[:, 1])
+    grid = torch.stack([xs + dx, ys + dy], dim=-1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _texture(x: torch.Tensor, generator) -> torch.Tensor:
+    n, c, h, w = x.shape
+    coarse = _rand((n, c, max(h // 8, 2), max(w // 8, 2)), generator, x.device)
+    blobs = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
+                            torch.arange(w, device=x.device, dtype=x.dtype), indexing="ij")
+    params = _rand((n, 3), generator, x.device)
+    angle, period = params[:, 0] * math.pi, 3.0 + 12.0 * params[:, 1]
+    proj = xs * torch.cos(angle).view(n, 1, 1) + ys * torch.sin(angle).view(n, 1, 1)
+    stripes = torch.sin(2 * math.pi * proj / period.view(n, 1, 1)).unsqueeze(1)
+    mix = params[:, 2].view(n, 1, 1, 1)
+    return _normalise(mix * blobs + (1 - mix) * 0.5 * (stripes + 1))
+
+
+def make_outliers(images: torch.Tensor, generator: torch.Generator | None = None,
+                  count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` (default: all) synthetic outliers from a batch of model-range images ``(B, 1, S, S)``.
+
+    Returns ``(outliers, kinds)``: outliers ``(count, 1, S, S)`` in [-1024, 1024] on the batch's device,
+    and each one's index into :data:`OUTLIER_KINDS`. The i-th outlier is made from ``images[i]`` (mosaics
+    also from other images of the batch). ``generator`` must live on the batch's device; a generator seeded
+    the same way gives the same outliers.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    count = len(images) if count is None else min(int(count), len(images))
+    pool = scale_to_unit_range(images).clamp(0.0, 1.0)
+    source = pool[:count]
+    kinds = (_rand((count,), generator, images.device) * len(OUTLIER_KINDS)).long().clamp_max(len(OUTLIER_KINDS) - 1)
+    out = torch.empty_like(source)
+    makers = (lambda x: _patch_shuffle(x, generator), lambda x: _phase_scramble(x, generator),
+              lambda x: _mosaic(x, generator, pool), lambda x: _warp(x, generator),
+              lambda x: _texture(x, generator))
+    for kind, maker in enumerate(makers):
+        chosen = kinds == kind
+        if bool(chosen.any()):
+            out[chosen] = maker(source[chosen]).to(out.dtype)
+    return scale_to_model_range(out.clamp(0.0, 1.0)), kinds
+
+
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` free energy ``-logsumexp(logits)``: low for confident answers, -log(C) for uniform logits."""
+    return -torch.logsumexp(logits.float(), dim=1)
+
+
+def energy_margin_loss(in_logits: torch.Tensor, out_logits: torch.Tensor,
+                       margins: tuple[float, float] = DEFAULT_MARGINS) -> torch.Tensor:
+    """Liu et al.'s (2020) energy regulariser: mean(relu(E_in - m_in)^2) + mean(relu(m_out - E_out)^2).
+
+    Zero when every in-distribution energy is at most ``margins[0]`` and every outlier energy at least
+    ``margins[1]``; an empty side contributes nothing.
+    """
+    margin_in, margin_out = margins
+    total = in_logits.new_zeros((), dtype=torch.float32)
+    if len(in_logits):
+        total = total + F.relu(energy(in_logits) - margin_in).pow(2).mean()
+    if len(out_logits):
+        total = total + F.relu(margin_out - energy(out_logits)).pow(2).mean()
+    return total
+
+
+def outlier_exposure_loss(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          criterion: torch.nn.Module, config, generator: torch.Generator | None,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage-2 forward with outlier exposure: the (augmented) batch and ``config.oe_fraction`` of it as
+    outliers go through the network together (one pass: BatchNorm sees both); the loss is the cross-entropy
+    of the batch plus ``config.oe_weight`` times :func:`energy_margin_loss`. Returns ``(loss, batch logits)``.
+    """
+    from mediscan.core.runtime import autocast, to_memory_format
+    count = max(1, int(round(len(images) * config.oe_fraction)))
+    outliers, _ = make_outliers(images, generator, count)
+    with autocast(device, config.amp):
+        logits = network(to_memory_format(torch.cat([images, outliers]), device)).float()
+    in_logits, out_logits = logits[:len(images)], logits[len(images):]
+    loss = criterion(in_logits, labels) + config.oe_weight * energy_margin_loss(in_logits, out_logits)
+    return loss, in_logits

@@ -1,0 +1,129 @@
+"""Outlier exposure (synthetic outliers, energy-margin loss) and the modalities a checkpoint records."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import densenet121_xray_classifier as cli
+from mediscan.core.checkpoint import read_metadata
+from mediscan.core.modality_gate import DEFAULT_MODALITIES
+from mediscan.devtools.synthetic import dicom_bytes, make_dataset, pattern_image
+from mediscan.training.fit import TrainConfig, fit
+from mediscan.training.modalities import parse_modalities, training_modalities
+from mediscan.training.outliers import OUTLIER_KINDS, energy, energy_margin_loss, make_outliers
+
+TINY = dict(weights="none", input_size=32, head_epochs=1, finetune_epochs=1, batch_size=8, progress=False,
+            workers=1, gallery=False)
+
+
+def _batch(n: int = 40, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Model-range images with real structure (stripes, discs, ramps) -- not noise, which anything resembles."""
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([pattern_image(k % 4, size, rng) for k in range(n)]).astype(np.float32) / 255.0
+    return torch.from_numpy(pixels)[:, None] * 2048.0 - 1024.0
+
+
+def _outliers(seed: int, images: torch.Tensor, count: int | None = None):
+    return make_outliers(images, torch.Generator().manual_seed(seed), count)
+
+
+def test_outliers_are_deterministic_for_a_seed_and_change_with_it():
+    images = _batch()
+    first, kinds = _outliers(7, images)
+    again, kinds_again = _outliers(7, images)
+    other, _ = _outliers(8, images)
+    assert torch.equal(first, again) and torch.equal(kinds, kinds_again)
+    assert not torch.equal(first, other)
+
+
+def test_outliers_keep_shape_and_range_cover_every_kind_and_differ_from_their_source():
+    images = _batch()
+    outliers, kinds = _outliers(0, images, count=30)
+    assert outliers.shape == (30, 1, 32, 32) and outliers.dtype == images.dtype
+    assert torch.isfinite(outliers).all() and outliers.min() >= -1024 and outliers.max() <= 1024
+    assert set(kinds.tolist()) == set(range(len(OUTLIER_KINDS)))
+    change = (outliers - images[:30]).abs().flatten(1).mean(1) / 2048.0       # mean change, as a share of the range
+    for kind, name in enumerate(OUTLIER_KINDS):
+        assert change[kinds == kind].min() > 0.03, name
+
+
+def test_patch_shuffle_moves_pixels_without_changing_them_and_mosaics_are_cut_from_the_batch():
+    images = _batch()
+    outliers, kinds = _outliers(1, images)
+    shuffled = (kinds == OUTLIER_KINDS.index("patch_shuffle")).nonzero().flatten()
+    assert len(shuffled)
+    for row in shuffled.tolist():           # a permutation of tiles: the same multiset of pixel values
+        assert torch.allclose(outliers[row].flatten().sort().values, images[row].flatten().sort().values, atol=1e-3)
+    for row in (kinds == OUTLIER_KINDS.index("mosaic")).nonzero().flatten().tolist():
+        quadrant = outliers[row, 0, :16, :16]
+        assert any(torch.allclose(quadrant, image[0, :16, :16], atol=1e-3) for image in images)
+
+
+def test_energy_and_the_margin_loss_match_hand_computed_values():
+    uniform, confident = [0.0, 0.0, 0.0, 0.0], [6.0, 0.0, 0.0, 0.0]
+    logits = torch.tensor([uniform, confident])
+    lse_confident = 6.0 + math.log(1.0 + 3.0 * math.exp(-6.0))
+    assert energy(logits).tolist() == pytest.approx([-math.log(4.0), -lse_confident], abs=1e-6)
+    # in-scope confident (E = -6.007 <= -6) and outlier uniform (E = -1.386 >= -2): nothing to push.
+    zero = energy_margin_loss(torch.tensor([confident]), torch.tensor([uniform]), margins=(-6.0, -2.0))
+    assert float(zero) == 0.0
+    # in-scope uniform: (-1.386 + 6)^2; outlier confident: (-2 + 6.007)^2; each side averaged over 2 rows.
+    both = energy_margin_loss(logits, logits, margins=(-6.0, -2.0))
+    expected = (6.0 - math.log(4.0)) ** 2 / 2 + (lse_confident - 2.0) ** 2 / 2
+    assert float(both) == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_modalities_flag_is_parsed_and_bad_codes_are_named():
+    assert parse_modalities(" dx, cr ,DX") == ["DX", "CR"]
+    with pytest.raises(ValueError, match="'C@T'"):
+        parse_modalities("CR,c@t")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--modalities", ",,"])
+    assert stopped.value.code == 2
+
+
+def test_training_modalities_come_from_dicom_files_or_the_default(tmp_path):
+    pixels = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 50)
+    for name, modality in (("a.dcm", "CT"), ("b.dcm", "MR"), ("c.dcm", "CT")):
+        (tmp_path / name).write_bytes(dicom_bytes(pixels, modality=modality))
+    dicoms = sorted(tmp_path.glob("*.dcm"))
+    assert training_modalities(dicoms) == ["CT", "MR"]
+    assert training_modalities(dicoms, "XA") == ["XA"]
+    png = make_dataset(tmp_path / "png", per_class=1, splits=("train",))
+    pngs = sorted(png.rglob("*.png"))
+    assert training_modalities(pngs) == list(DEFAULT_MODALITIES)
+    assert training_modalities(pngs + dicoms[:1]) == list(DEFAULT_MODALITIES)   # mixed: CT is in it already
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same tiny schedule twice (same seed, same data, outliers drawn alike): the energy term weighted 0,
+    and weighted 1 with --modalities. Only that term can tell their stage-2 losses apart."""
+    root = tmp_path_factory.mktemp("oe")
+    data = make_dataset(root / "dataset", per_class=4, seed=2)
+    plain = fit(TrainConfig(data=str(data), out=str(root / "plain"), outlier_exposure=True, oe_weight=0.0, **TINY),
+                log=lambda _: None)
+    exposed = fit(TrainConfig(data=str(data), out=str(root / "oe"), outlier_exposure=True, oe_weight=1.0,
+                              modalities="DX,CR", **TINY), log=lambda _: None)
+    return plain, exposed
+
+
+def test_a_tiny_outlier_exposure_run_trains_end_to_end_and_its_energy_term_acts_in_stage_2(two_runs):
+    plain, exposed = two_runs
+    assert exposed.best_path.is_file() and exposed.test_metrics is not None
+    meta = read_metadata(exposed.best_path)
+    assert meta["train_args"]["outlier_exposure"] is True and meta["ood"]["threshold"] > 0
+    stage1 = [h["train_loss"] for h in plain.history if h["stage"] == 1]
+    assert stage1 == [h["train_loss"] for h in exposed.history if h["stage"] == 1]
+    plain2 = [h["train_loss"] for h in plain.history if h["stage"] == 2]
+    exposed2 = [h["train_loss"] for h in exposed.history if h["stage"] == 2]
+    assert plain2 and exposed2 and plain2 != exposed2          # the energy term is in the stage-2 loss
+
+
+def test_checkpoints_record_the_modalities_they_were_trained_on(two_runs):
+    plain, exposed = two_runs
+    assert read_metadata(plain.best_path)["modalities"] == list(DEFAULT_MODALITIES)   # PNG data: the default
+    assert read_metadata(exposed.best_path)["modalities"] == ["DX", "CR"]            # the flag overrides it
