@@ -80,7 +80,9 @@ TARGETS = {
     "dicom": Target("mediscan/core/dicom_pixels.py", ("tests/test_dicom_pixels.py", *_IMAGING_DICOM),
                     ("_to_gray", "_lift_frame_functional_groups", "_first_frame")),
     "predictor-batch": Target(
-        "mediscan/inference/predictor.py", ("tests/test_predictor_batch.py",),
+        "mediscan/inference/predictor.py",
+        ("tests/test_predictor_batch.py",
+         "tests/test_predictor.py::test_batched_calls_default_to_eight_images_per_pass_on_the_cpu"),
         ("Predictor._forward", "Predictor._run_many", "Predictor.run_prepared")),
     "resume": Target("mediscan/training/resume.py", _RESUME_UNIT),
 }

@@ -123,3 +123,97 @@ def test_each_explanation_of_a_batch_is_its_own_images_map(predictor):
         assert result.heatmap.shape == single.heatmap.shape == result.image.shape
         np.testing.assert_allclose(result.heatmap, single.heatmap, atol=1e-5)
         np.testing.assert_array_equal(result.image, single.image)
+
+
+def test_the_shares_of_one_pass_add_up_to_at_most_its_time(predictor):
+    """Each row's ``model`` time is the pass divided by the rows: together no more than the call took."""
+    import time
+    images = distinct_images(4)
+    predictor.predict_many(images, batch_size=4)                     # warm-up
+    started = time.perf_counter()
+    results = predictor.predict_many(images, batch_size=4)
+    wall_ms = (time.perf_counter() - started) * 1000
+    assert 0 < sum(r.timings_ms["model"] for r in results) <= wall_ms
+
+
+def test_each_rows_out_of_scope_verdict_follows_its_own_score(predictor):
+    """The detector's flag, recomputed here per row from the row's score and the threshold: a batch that mixes
+    flagged and unflagged images keeps each row's own verdict."""
+    results = predictor.predict_many(distinct_images(7), batch_size=7)
+    flagged = [r.ood_score > predictor.ood.threshold for r in results]
+    assert any(flagged) and not all(flagged)
+    assert [r.verdict == "out_of_scope" for r in results] == flagged
+
+
+def test_explaining_another_class_maps_that_class(predictor):
+    image = distinct_images(2)[0]
+    maps = {name: predictor.explain(image, class_name=name, faithfulness=False) for name in CLASSES}
+    assert [e.explained_class for e in maps.values()] == CLASSES
+    heatmaps = [e.heatmap for e in maps.values()]
+    assert any(not np.allclose(a, b) for a, b in itertools.combinations(heatmaps, 2))
+    with torch.no_grad():                                            # the class Grad-CAM explains by default
+        top = int(predictor.model(preprocess(np.asarray(Image.open(io.BytesIO(image)).convert("L"),
+                                                        np.float32) / 255.0, SIZE)[0][None]).argmax())
+    np.testing.assert_allclose(predictor.explain(image, faithfulness=False).heatmap, heatmaps[top], atol=1e-6)
+
+
+def test_faithfulness_is_measured_on_the_batch_that_was_explained(predictor):
+    result = predictor.explain(distinct_images(2)[0]).faithfulness
+    assert set(result) >= {"prob", "prob_top_removed", "prob_random_removed"}
+    assert all(0.0 <= result[k] <= 1.0 for k in ("prob", "prob_top_removed", "prob_random_removed"))
+
+
+def gated_dicom() -> bytes:
+    """A 64 x 64 ultrasound DICOM: outside every checkpoint's default modalities."""
+    import pydicom
+    from pydicom import uid
+    from mediscan.devtools.synthetic import dicom_bytes
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(pattern_image(1, 64).astype(np.uint16) * 256)))
+    ds.Modality = "US"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = uid.UltrasoundImageStorage
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_gated_rows_get_their_own_answer_and_an_empty_map_in_any_batch(predictor):
+    images = distinct_images(3)
+    mixed = [images[0], gated_dicom(), images[1], gated_dicom()]
+    only_gated = predictor.run_prepared([predictor.prepare(gated_dicom()) for _ in range(2)], with_maps=True)
+    for batch in (predictor.explain_many(mixed, batch_size=4), only_gated):
+        for e in batch:
+            if e.prediction.top_class is None:
+                assert e.prediction.verdict == "out_of_scope" and e.prediction.verdict_reason.startswith("Modality US")
+                assert e.explained_class is None and e.method == "gradcam" and e.image.shape == (64, 64)
+                assert not e.heatmap.any()
+    explained = predictor.explain_many(mixed, batch_size=4)
+    for k in (0, 2):
+        single = predictor.explain(mixed[k], faithfulness=False)
+        assert explained[k].explained_class == single.explained_class
+        np.testing.assert_allclose(explained[k].heatmap, single.heatmap, atol=1e-5)
+    answers = predictor.run_prepared([predictor.prepare(x) for x in mixed])
+    assert [a.top_class is None for a in answers] == [False, True, False, True]
+
+
+def test_a_checkpoint_without_a_detector_scores_and_flags_no_row(tmp_path):
+    """No out-of-scope statistics: every row of a batch has no score and no detector flag, so gray images are
+    never out of scope, and the rows still match their single-image answers."""
+    plain = Predictor(write_tiny_checkpoint(tmp_path / "plain.safetensors", classes=CLASSES, input_size=SIZE),
+                      device="cpu", backend="torch")
+    images = distinct_images(4)
+    together = plain.predict_many(images, batch_size=4)
+    assert [r.ood_score for r in together] == [None] * 4
+    assert all(r.verdict != "out_of_scope" for r in together)
+    for mine, data in zip(together, images):
+        np.testing.assert_allclose(row(mine), row(plain.predict(data)), atol=1e-6)
+
+
+def test_progress_counts_every_input_once_and_names_must_match(predictor):
+    images = distinct_images(3)
+    with_bad = [images[0], b"not an image", images[1], b"", images[2]]
+    seen: list[int] = []
+    results = predictor.predict_many(with_bad, batch_size=2, progress=seen.append)
+    assert sum(seen) == len(with_bad) and all(k >= 1 for k in seen)
+    assert [isinstance(r, ImageReadError) for r in results] == [False, True, False, True, False]
+    with pytest.raises(ValueError, match="2 names for 3 images"):
+        predictor.predict_many(images, names=["a", "b"])

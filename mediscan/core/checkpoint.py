@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from mediscan.core.atomic_file import atomic_write_bytes
 from mediscan.core.model import ARCHITECTURE, OrganClassifier, densenet121_features
 from mediscan.core.preprocessing import PreprocessConfig
 
@@ -154,21 +154,6 @@ class BackgroundCheckpointWriter:
         self._pending = [f for f in self._pending if f not in finished]
         for future in finished:                 # a failure is raised once, then forgotten
             future.result()
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write bytes to ``path`` so that readers see either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

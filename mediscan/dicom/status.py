@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from mediscan.core.atomic_file import atomic_write_bytes
 
 __all__ = ["StatusError", "default_status_path", "describe", "needs_attention", "read_status", "write_status"]
 
@@ -36,16 +37,7 @@ def default_status_path(port: int) -> Path:
 
 def write_status(path: str | os.PathLike, status: dict) -> None:
     """Write ``status`` as JSON to ``path`` atomically (temporary file + rename in the same folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(status, out, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), json.dumps(status, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def read_status(path: str | os.PathLike) -> dict:
