@@ -38,6 +38,7 @@ def test_round_trip_gives_identical_predictions_and_metadata(tmp_path, model):
     assert loaded.preprocessing.input_size == 32
     assert torch.equal(loaded.extra["ood.mean"], torch.ones(4, 3))
     assert not loaded.model.training
+    assert loaded.path == path
     assert read_metadata(path)["versions"]["torch"] == torch.__version__
 
 
@@ -97,6 +98,18 @@ def test_missing_empty_and_corrupt_files(tmp_path, model):
         load_checkpoint(garbage)
 
 
+def test_preprocessing_this_version_cannot_reproduce_is_refused_by_name(tmp_path, model):
+    """A checkpoint trained with another crop or input range would be fed wrongly scaled images: refused at
+    load, naming the file and the preprocessing, instead of predicting nonsense."""
+    for key, value in (("crop", "stretch"), ("input_range", [0, 1])):
+        meta = _meta()
+        meta["preprocessing"][key] = value
+        path = save_checkpoint(tmp_path / f"{key}.safetensors", model, meta)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and "unsupported preprocessing" in str(err.value)
+
+
 def test_pickle_checkpoints_are_not_loaded(tmp_path, model):
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
@@ -138,6 +151,65 @@ def test_missing_weights_are_reported(tmp_path, model):
     save_file(tensors, str(tmp_path / "partial.safetensors"), metadata=header)
     with pytest.raises(CheckpointError, match="1 missing"):
         load_checkpoint(tmp_path / "partial.safetensors")
+
+
+def _resaved_without(good: Path, out: Path, drop=(), add=None) -> Path:
+    """``good``'s tensors minus ``drop`` plus ``add``, under the same metadata record."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(good))
+    for name in drop:
+        del tensors[name]
+    tensors.update(add or {})
+    header = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "meta": json.dumps(_meta())}
+    save_file(tensors, str(out), metadata=header)
+    return out
+
+
+def test_unexpected_head_less_and_several_missing_weights_are_named(tmp_path, model):
+    good = save_checkpoint(tmp_path / "good.safetensors", model, _meta())
+    extra = _resaved_without(good, tmp_path / "extra.safetensors", add={"model.head.extra": torch.ones(2)})
+    with pytest.raises(CheckpointError, match=r"0 missing, 1 unexpected, 0 wrongly shaped .*head\.extra"):
+        load_checkpoint(extra)
+    headless = _resaved_without(good, tmp_path / "headless.safetensors", drop=("model.head.fc.weight",))
+    with pytest.raises(CheckpointError, match=r"no classifier head weights \(head\.fc\.weight\)"):
+        load_checkpoint(headless)
+    norms = [f"model.features.norm5.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+    partial = _resaved_without(good, tmp_path / "partial4.safetensors", drop=norms)
+    with pytest.raises(CheckpointError, match="4 missing") as err:
+        load_checkpoint(partial)
+    first = str(err.value).split("(first: ")[1]
+    assert first.count("norm5.") == 3                     # the first three named, not all of them
+
+
+def test_the_loaded_head_keeps_the_trained_dropout(tmp_path, model):
+    """Dropout is inactive in eval mode, but a loaded model that is trained further must keep its rate;
+    a record without one (older checkpoints) means none."""
+    path = save_checkpoint(tmp_path / "d.safetensors", model, _meta(dropout=0.3))
+    assert load_checkpoint(path).model.head.dropout.p == pytest.approx(0.3)
+    bare = _rewrite_meta(path, tmp_path / "bare.safetensors", lambda m, h: m.pop("dropout"))
+    assert load_checkpoint(bare).model.head.dropout.p == 0.0
+
+
+def test_every_refusal_names_the_file_and_what_is_wrong(tmp_path, model):
+    from safetensors.torch import save_file
+    folder = tmp_path / "models"
+    folder.mkdir()
+    cases = {folder: "is a folder; point to the .safetensors file inside it"}
+    cases[tmp_path / "one.safetensors"] = "not a readable checkpoint"
+    (tmp_path / "one.safetensors").write_bytes(b"\x00")          # one byte: not empty, not a checkpoint
+    tensors = {"x": torch.zeros(1)}
+    for name, header, expected in (
+            ("plain", {}, "not a MediScan checkpoint (no 'mediscan-checkpoint' header)"),
+            ("v9", {"format": ckpt.FORMAT, "format_version": "9"}, "uses checkpoint format 9, this MediScan reads format 1"),
+            ("badjson", {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "meta": "{oops"},
+             "has corrupt metadata")):
+        target = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(target), metadata=header or None)
+        cases[target] = expected
+    for path, expected in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and expected in str(err.value), str(err.value)
 
 
 def test_save_refuses_metadata_that_does_not_match_the_head(tmp_path, model):

@@ -124,7 +124,7 @@ def decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> Dec
         rows, cols = int(ds.Rows), int(ds.Columns)
         check_size(label, cols, rows, max_pixels, min_side)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels, colour = _to_gray(ds, _first_frame(ds, frames), rows, cols)
+        pixels, colour = _to_gray(ds, _first_frame(ds), rows, cols)
         bits = int(ds.get("BitsAllocated", 16) or 16)
     except ImageReadError:
         raise
@@ -160,9 +160,10 @@ def _check_decodable(ds, label: str) -> None:
 
 def _to_gray(ds, arr: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, float]:
     """Stored values -> [0, 1] grayscale (LUTs applied; colour reduced to luminance) and colourfulness."""
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    colour_bits = int(ds.get("BitsStored", 8) or 8)  # full scale of the RGB values below
+    # Type 1 elements that pydicom's decoder has already required ("Missing required element"): no defaults.
+    samples = int(ds.SamplesPerPixel)
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    colour_bits = int(ds.BitsStored)  # full scale of the RGB values below
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         samples = 3
@@ -205,6 +206,6 @@ def _lift_frame_functional_groups(ds) -> None:
                 setattr(ds, keyword, item[keyword].value)
 
 
-def _first_frame(ds, frames: int) -> np.ndarray:
+def _first_frame(ds) -> np.ndarray:
     """Decoded pixels of frame 1 (RGB for colour data)."""
-    return pixel_array(ds, index=0 if frames > 1 else None)
+    return pixel_array(ds, index=0)  # pydicom decodes only that frame (the only one, for most files)
