@@ -127,7 +127,7 @@ class OODDetector:
         if self.energy_scale is not None:
             if logits is None:
                 raise ValueError("this detector also scores the classifier's energy: pass the logits")
-            scores[ENERGY] = free_energy(logits).double().cpu() - self.energy_scale + 1.0
+            scores[ENERGY] = free_energy(logits).detach().double().cpu() - self.energy_scale + 1.0
         return scores
 
     def score(self, features: Features, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,8 +233,10 @@ class OODDetector:
 
 
 def free_energy(logits: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` free energy ``-logsumexp(logits)`` (float32): low for confident answers, -log(C) for flat ones."""
-    return -torch.logsumexp(torch.as_tensor(logits).detach().float(), dim=1)
+    """``(B,)`` free energy ``-logsumexp(logits)`` (float32): low for confident answers, -log(C) for flat ones.
+
+    Keeps the autograd graph (training's energy-margin loss needs it); the detector detaches its result."""
+    return -torch.logsumexp(torch.as_tensor(logits).float(), dim=1)
 
 
 def _energy_scale(info: dict) -> float | None:
@@ -372,7 +374,7 @@ def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: 
     if val_logits is not None:
         if val is None or len(val_logits) != len(held_relative[0]):
             raise ValueError("val_logits need validation features with one row per logit row")
-        val_energy = free_energy(val_logits).double()
+        val_energy = free_energy(val_logits).detach().double()
         energy_scale = _percentile(val_energy, percentile)
         held_relative.append(val_energy - energy_scale + 1.0)
     # Rounded to float32 as :meth:`OODDetector.score` returns it: the threshold is placed among the

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mediscan.core.ood import free_energy as energy
 from mediscan.core.preprocessing import scale_to_model_range, scale_to_unit_range
 
 __all__ = ["OUTLIER_KINDS", "make_outliers", "energy", "energy_margin_loss", "DEFAULT_MARGINS"]
@@ -133,11 +134,6 @@ def make_outliers(images: torch.Tensor, generator: torch.Generator | None = None
         if bool(chosen.any()):
             out[chosen] = maker(source[chosen]).to(out.dtype)
     return scale_to_model_range(out.clamp(0.0, 1.0)), kinds
-
-
-def energy(logits: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` free energy ``-logsumexp(logits)``: low for confident answers, -log(C) for uniform logits."""
-    return -torch.logsumexp(logits.float(), dim=1)
 
 
 def energy_margin_loss(in_logits: torch.Tensor, out_logits: torch.Tensor,
