@@ -35,11 +35,13 @@ ALSO_COPY = ("grad_cam.py", "app.py", "test_single_image.py", "densenet121_xray_
 
 @dataclass(frozen=True)
 class Target:
-    """One file to mutate, the functions in it (``None``: all), and the test files that guard them."""
+    """One file to mutate, the functions in it (``None``: all), the test files that guard them, and tests of
+    those files left out of the mutation run (``deselect``: slow ones that guard other functions)."""
 
     path: str
     tests: tuple[str, ...]
     functions: tuple[str, ...] | None = None
+    deselect: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -69,12 +71,16 @@ _IMAGING_DICOM = tuple(f"tests/test_imaging.py::test_dicom_{name}" for name in (
 _RESUME_UNIT = tuple(f"tests/test_resume.py::{name}" for name in (
     "test_optimizer_state_round_trip_continues_like_the_original",
     "test_resume_restores_weights_and_the_optimizer_of_the_stage_it_continues",
-    "test_resume_refuses_a_checkpoint_of_other_classes_or_other_files"))
+    "test_resume_refuses_a_checkpoint_of_other_classes_or_other_files",
+    "test_a_fresh_stage_2_optimizer_is_capturable_only_when_asked"))
 
 TARGETS = {
     "metrics": Target("mediscan/evaluation/metrics.py", ("tests/test_metrics.py",)),
+    # The SIGKILL-mid-save test guards the atomic write (core/atomic_file.py), not these functions, and starts a
+    # fresh Python with torch for every mutant (~15 s): left out.
     "checkpoint": Target("mediscan/core/checkpoint.py", ("tests/test_checkpoint.py",),
-                         ("checkpoint_tensors", "read_metadata", "load_checkpoint", "_check_file")),
+                         ("checkpoint_tensors", "read_metadata", "load_checkpoint", "_check_file"),
+                         ("tests/test_checkpoint.py::test_killed_process_mid_save_leaves_previous_checkpoint_valid",)),
     # The pixel path (LUTs, window, MONOCHROME1, functional groups, frame choice); the error messages of
     # decode_dicom / _check_decodable are tested in test_imaging.py and test_dicom_decoding.py.
     "dicom": Target("mediscan/core/dicom_pixels.py", ("tests/test_dicom_pixels.py", *_IMAGING_DICOM),
@@ -102,12 +108,18 @@ def prepare(workdir: Path, targets: list[Target]) -> None:
     for name in ALSO_COPY:
         shutil.copy2(ROOT / name, workdir / name)
     tests = sorted({test for target in targets for test in target.tests})
+    deselected = sorted({test for target in targets for test in target.deselect})
     lines = ["[mutmut]", "source_paths = mediscan",
              "only_mutate =", *[f"    {t.path}" for t in targets],
              "also_copy =", *[f"    {name}" for name in ALSO_COPY],
              "pytest_add_cli_args_test_selection =", *[f"    {test}" for test in tests],
-             # -p no:cacheprovider: no .pytest_cache; addopts= drops -ra (summaries nobody reads here)
+             # -p no:cacheprovider: no .pytest_cache; addopts= drops -ra (summaries nobody reads here);
+             # mutation_preload: torchxrayvision imported once in the fork server, not once per mutant;
+             # retention none: a mutant's tmp_path folders (checkpoints of ~100 MB) go when its tests end
              "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -o", "    addopts=",
+             "    -o", "    tmp_path_retention_policy=none",
+             "    -p", "    mediscan.devtools.mutation_preload",
+             *[line for test in deselected for line in ("    --deselect", f"    {test}")],
              # torch is not fork-safe once it has run: fork each mutant from a server that only imported
              "process_isolation = forkserver",
              "use_git_change_detection = false"]
@@ -118,12 +130,19 @@ def run_mutmut(workdir: Path, targets: list[Target], max_children: int, log_path
                only: list[str] | None = None) -> int:
     """mutmut run over the targets' mutants (or just ``only``), output to ``log_path``; its exit code."""
     patterns = only or [p for target in targets for p in target.patterns()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # The tests' temporary folders go under the work directory and are removed afterwards: mutmut's forked test
+    # processes end without pytest's cleanup, and a full run leaves tens of GB of checkpoints behind.
+    scratch = workdir / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     env.pop("CI", None)
     mutmut = shutil.which("mutmut") or "mutmut"
-    with open(log_path, "w") as log:
-        proc = subprocess.run([mutmut, "run", "--max-children", str(max_children), *patterns], cwd=workdir, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.run([mutmut, "run", "--max-children", str(max_children), *patterns], cwd=workdir,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return proc.returncode
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -215,6 +216,19 @@ def test_every_refusal_names_the_file_and_what_is_wrong(tmp_path, model):
 def test_save_refuses_metadata_that_does_not_match_the_head(tmp_path, model):
     with pytest.raises(CheckpointError, match="metadata lists 2 classes"):
         save_checkpoint(tmp_path / "x.safetensors", model, new_metadata(["a", "b"], PreprocessConfig(32), "x"))
+    with pytest.raises(ValueError, match=r"^extra tensor name 'model\.x' clashes with the model's prefix$"):
+        save_checkpoint(tmp_path / "x.safetensors", model, _meta(), {"ood.mean": torch.zeros(1), "model.x": torch.zeros(1)})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_record_without_preprocessing_is_refused_at_load_not_guessed(tmp_path, model):
+    """Without its preprocessing the input size and scaling are unknown: a CheckpointError naming the file
+    at load, never a default size or a KeyError at the first prediction."""
+    meta = _meta()
+    del meta["preprocessing"]
+    path = save_checkpoint(tmp_path / "bare.safetensors", model, meta)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))} has no 'preprocessing' record in its metadata"):
+        load_checkpoint(path)
 
 
 def test_background_writer_snapshots_at_submission_and_reports_failures(tmp_path, model, monkeypatch):

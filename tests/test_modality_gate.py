@@ -167,3 +167,96 @@ def test_cr_passes_and_a_checkpoint_trained_on_us_reads_us(predictor, tmp_path):
 def test_damaged_modalities_key_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="modalities"):
         Predictor(checkpoint(tmp_path / "bad.safetensors", modalities="CR"), "cpu", backend="torch")
+
+
+# --------------------------------------------------------------------- objects without usable pixels
+
+def pixel_less(modality: str, sop_class: str) -> bytes:
+    """A DICOM object with this Modality and SOP class and no pixel data (what a PACS routes beside images)."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(None)))
+    ds.Modality = modality
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def ultrasound_video() -> bytes:
+    """An ultrasound cine in MPEG-4 (no Python decoder exists for DICOM video): its pixels are unusable."""
+    from pydicom.encaps import encapsulate
+    ds = pydicom.dcmread(io.BytesIO(dicom("US", dicom_uid.UltrasoundMultiFrameImageStorage)))
+    ds.file_meta.TransferSyntaxUID = dicom_uid.MPEG4HP41
+    ds.NumberOfFrames = 2
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_report_or_a_video_is_out_of_scope_by_its_header_not_unreadable(predictor):
+    """A Structured Report has no pixels and an ultrasound cine none that can be decoded, but their headers say
+    what they are: the answer is out_of_scope with the gate's sentence (in a batch too), not "cannot read". A CR
+    without pixels has nothing the gate can stop: it stays a clear read error."""
+    from mediscan.core.imaging import ImageReadError
+    report = pixel_less("SR", dicom_uid.BasicTextSRStorage)
+    with pytest.raises(ImageReadError) as err:                 # what the decoder alone says about it
+        from mediscan.core.imaging import read_image
+        read_image(report, name="report.dcm")
+    assert err.value.reason == "no_pixel_data" and err.value.dicom.modality == "SR"
+
+    p = predictor.predict(report, name="report.dcm")
+    assert p.verdict == "out_of_scope" and p.top_class is None and p.probabilities == {}
+    assert p.verdict_reason == ("This DICOM object (Basic Text SR Storage, SOP class 1.2.840.10008.5.1.4.1.1.88.11) "
+                                "is not an image, so it was not analysed.")
+    assert p.source == "report.dcm" and p.dicom["modality"] == "SR"
+    assert p.warnings == ("no usable pixels: the DICOM file has no pixel data (it is a report or other non-image "
+                          "object, or it is cut off).",)
+    video = predictor.predict(ultrasound_video(), name="cine.dcm")
+    assert video.verdict == "out_of_scope"
+    assert video.verdict_reason.startswith("Modality US (ultrasound) is not one this model was trained on")
+
+    explanation = predictor.explain(report, name="report.dcm")
+    assert explanation.explained_class is None and explanation.image.shape == (0, 0)
+    record = explanation.to_dict(include_overlay=True, grid=3)
+    assert record["heatmap_grid"] == [[0.0] * 3] * 3 and record["image_size"] == {"height": 0, "width": 0}
+    assert "overlay_png_base64" not in record                  # nothing to draw on
+
+    rows = predictor.predict_many([dicom("CR", label=1), report, dicom_bytes(None)], batch_size=3)
+    assert rows[0].top_class in CLASSES and rows[1].verdict == "out_of_scope"
+    assert isinstance(rows[2], ImageReadError) and rows[2].reason == "no_pixel_data"   # a CR: not the gate's
+
+
+def test_the_cli_and_the_api_answer_a_report_out_of_scope(predictor, tmp_path, capsys):
+    import csv
+    import json
+
+    import test_single_image as cli
+    from mediscan.apps.api import create_app
+    report = tmp_path / "folder" / "report.dcm"
+    report.parent.mkdir()
+    report.write_bytes(pixel_less("KO", dicom_uid.KeyObjectSelectionDocumentStorage))
+    (tmp_path / "folder" / "empty_cr.dcm").write_bytes(dicom_bytes(None))
+
+    assert cli.main([str(report), "--checkpoint", str(predictor.checkpoint_path), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["prediction"]["verdict"] == "out_of_scope" and answer["figure"] is None
+    assert "Key Object Selection Document Storage" in answer["prediction"]["verdict_reason"]
+    assert cli.main([str(tmp_path / "folder" / "empty_cr.dcm"), "--checkpoint", str(predictor.checkpoint_path)]) == 2
+    assert "has no pixel data" in capsys.readouterr().err
+
+    results, overlays = tmp_path / "results.csv", tmp_path / "overlays"
+    assert cli.main([str(report.parent), "--checkpoint", str(predictor.checkpoint_path), "--csv", str(results),
+                     "--overlays", str(overlays), "--no-progress"]) == 0
+    rows = {row["path"]: row for row in csv.DictReader(results.open(newline=""))}
+    assert rows["report.dcm"]["verdict"] == "out_of_scope" and rows["report.dcm"]["error"] == ""
+    assert rows["report.dcm"]["modality"] == "KO" and rows["report.dcm"]["class"] == ""
+    assert rows["empty_cr.dcm"]["verdict"] == "error" and "no pixel data" in rows["empty_cr.dcm"]["error"]
+    assert not list(overlays.rglob("*.png"))                    # neither has pixels to draw a map on
+    capsys.readouterr()
+
+    client = create_app({"PREDICTOR": predictor, "API_KEY": None}).test_client()
+    for path in ("/v1/predict", "/v1/predict?explain=true"):
+        body = client.post(path, data={"file": (io.BytesIO(report.read_bytes()), "report.dcm")}).get_json()
+        assert body["verdict"] == "out_of_scope" and body["top_class"] is None, body
+    assert "overlay_png_base64" not in body["explanation"] and body["explanation"]["explained_class"] is None

@@ -9,6 +9,7 @@ history are compared with the uninterrupted run of the same seed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -144,8 +145,8 @@ def test_optimizer_state_round_trip_continues_like_the_original():
         assert torch.equal(a, b)
 
 
-def test_resume_refuses_a_checkpoint_of_other_classes_or_other_files(data, tmp_path):
-    splits, config, _, _ = _saved_after(1, data, tmp_path / "m")
+def test_resume_refuses_a_checkpoint_of_other_classes_or_other_files(data, saved_after, tmp_path):
+    splits, config, _, _ = saved_after(1)
     assert _checked_metadata(config.last_path, splits, config)["epoch"] == 1
     renamed = dataclasses.replace(splits, classes=["a", "b", "c", "d"])
     with pytest.raises(CheckpointError, match=r"was trained on classes \['bone', 'brain', 'heart', 'lungs'\], "
@@ -154,9 +155,25 @@ def test_resume_refuses_a_checkpoint_of_other_classes_or_other_files(data, tmp_p
     changed = dataclasses.replace(splits, fingerprint={**splits.fingerprint, "sha256": "0" * 64})
     with pytest.raises(CheckpointError, match="changed since .* was written; start a new run"):
         _checked_metadata(config.last_path, changed, config)
+    # Through resume() itself, before any weight is touched (the model is never reached).
+    with pytest.raises(CheckpointError, match=f"the files under {re.escape(str(data))} changed since"):
+        resume(None, changed, config, torch.device("cpu"), lambda _: None, False)
     missing = dataclasses.replace(config, out=str(tmp_path / "nothing"))
     with pytest.raises(CheckpointError, match="--resume: no .*last.safetensors to resume from"):
         _checked_metadata(missing.last_path, splits, missing)
+
+
+@pytest.fixture(scope="module")
+def saved_after(data, tmp_path_factory):
+    """``saved_after(epoch)``: :func:`_saved_after` once per epoch for the module -- resume only reads the files,
+    and each save is a DenseNet121 with Adam's state (~120 MB written and fsynced)."""
+    cache = {}
+
+    def get(epoch: int):
+        if epoch not in cache:
+            cache[epoch] = _saved_after(epoch, data, tmp_path_factory.mktemp(f"saved_after_{epoch}"))
+        return cache[epoch]
+    return get
 
 
 def _saved_after(epoch: int, data: Path, out: Path):
@@ -180,11 +197,14 @@ def _saved_after(epoch: int, data: Path, out: Path):
 
 
 @pytest.mark.parametrize("epoch", [1, 2, 4], ids=["inside-stage-1", "end-of-stage-1", "finished"])
-def test_resume_restores_weights_and_the_optimizer_of_the_stage_it_continues(data, tmp_path, epoch):
+def test_resume_restores_weights_and_the_optimizer_of_the_stage_it_continues(saved_after, epoch):
     """Epoch 1 of 2 + 2: stage 1 goes on with its Adam state. Epoch 2 ends stage 1: stage 2 starts with a
     fresh Adam over every parameter. Epoch 4 (a finished run, extended by --finetune-epochs): stage 2 goes on."""
-    splits, config, model, optimizer = _saved_after(epoch, data, tmp_path)
-    assert read_metadata(config.best_path)["epoch"] == epoch
+    splits, config, model, optimizer = saved_after(epoch)
+    stage_of_epoch = 1 if epoch == 1 or epoch == 2 else 2
+    best_meta, last_meta = read_metadata(config.best_path), read_metadata(config.last_path)
+    assert (best_meta["epoch"], best_meta["stage"], best_meta["best"]) == (epoch, stage_of_epoch, {"epoch": 1})
+    assert (last_meta["epoch"], last_meta["stage"], last_meta["best"]) == (epoch, stage_of_epoch, {"epoch": 1})
     torch.manual_seed(99)
     fresh, _ = build_model(4, "none")
     lines: list[str] = []
@@ -207,3 +227,13 @@ def test_resume_restores_weights_and_the_optimizer_of_the_stage_it_continues(dat
     for pid, entry in reference.items():
         for key, value in entry.items():
             assert torch.equal(state[pid][key], value), (pid, key)
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+def test_a_fresh_stage_2_optimizer_is_capturable_only_when_asked(saved_after, capturable):
+    """After the last head epoch, resume makes the stage-2 Adam; CUDA-graph training asks for a capturable one
+    (``capturable=True``), every other run for a plain one. (Inside a stage the saved groups are restored.)"""
+    splits, config, _, _ = saved_after(2)
+    fresh, _ = build_model(4, "none")
+    _, _, _, optimizer = resume(fresh, splits, config, torch.device("cpu"), lambda _: None, capturable)
+    assert optimizer.param_groups[0]["capturable"] is capturable

@@ -278,7 +278,8 @@ def _explain(predictor: Predictor, data: bytes, name: str, class_name: str | Non
     body = details.pop("prediction")
     details["heatmap_grid_size"] = grid
     details["overlay_alpha"] = alpha
-    details["overlay_png_base64"] = base64.b64encode(explanation.overlay_png(alpha)).decode("ascii")
+    if explanation.image.size:               # a header-only DICOM object (a report ...) has nothing to draw on
+        details["overlay_png_base64"] = base64.b64encode(explanation.overlay_png(alpha)).decode("ascii")
     body["explanation"] = details
     return body
 

@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise DicomOutError(f"--dicom-out takes one DICOM file, and {args.input} is a folder. Run it per "
                                     f"file, or send the study to the DICOM node (python app.py dicom).")
             return run_folder(args)
-        image = decode(args)        # a bad image is reported before the (slow) model load
+        try:
+            image = decode(args)    # a bad image is reported before the (slow) model load
+        except ImageReadError as exc:
+            if exc.dicom is None or args.dicom_out is not None:
+                raise
+            image = args.input      # unusable pixels, readable header: the modality gate may still answer it
         if args.dicom_out is not None and image.format != "DICOM":
             raise DicomOutError(f"--dicom-out needs a DICOM input, and {args.input} is a {image.format} file. "
                                 f"Leave out --dicom-out, or give the original DICOM file.")

@@ -190,8 +190,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path} holds a {meta.get('architecture')!r} model; "
                               f"this MediScan builds {ARCHITECTURE!r}.")
     classes = meta.get("classes") or []
+    if "preprocessing" not in meta:
+        # Guessing the defaults would feed the model images it was never trained on.
+        raise CheckpointError(f"{path} has no 'preprocessing' record in its metadata, so the input size and "
+                              f"scaling it was trained with are unknown; retrain it with this MediScan.")
     try:
-        PreprocessConfig.from_dict(meta.get("preprocessing", {}))
+        PreprocessConfig.from_dict(meta["preprocessing"])
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as exc:

@@ -33,17 +33,21 @@ class ImageReadError(ValueError):
     ``str(err)`` is a complete sentence naming the source, the problem and what to do.
     Attributes: ``source`` (file name / label), ``reason`` (one of "missing", "empty",
     "not_image", "truncated", "too_large", "too_small", "no_pixel_data", "unsupported",
-    "corrupt") and ``hint`` (what to do).
+    "corrupt"), ``hint`` (what to do) and ``dicom``: the header summary of a DICOM file whose header was
+    read but whose pixels cannot be used (``None`` otherwise), so that the modality gate can still answer
+    for a report or other non-image object instead of calling it unreadable.
 
     The message is the only positional argument, so the error survives pickling and
     torch's DataLoader worker re-raise (which calls ``type(err)(message)``).
     """
 
-    def __init__(self, message: str, *, source: str = "<input>", reason: str = "corrupt", hint: str = ""):
+    def __init__(self, message: str, *, source: str = "<input>", reason: str = "corrupt", hint: str = "",
+                 dicom: DicomHeader | None = None):
         super().__init__(message)
         self.source = source
         self.reason = reason
         self.hint = hint
+        self.dicom = dicom
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class DecodedImage:
     pixels: np.ndarray
     source: str
     format: str  # "PNG", "JPEG", "TIFF", "BMP", "DICOM"
-    bit_depth: int  # 8, 16 or 32
+    bit_depth: int  # 8, 16 or 32 (0 for a header-only object: see header_only)
     warnings: tuple[str, ...] = ()
     modality: str | None = None  # DICOM Modality (e.g. "CR"); never any patient field
     colourfulness: float = 0.0  # of the colour image before grayscale conversion (0 for grayscale files)
@@ -67,6 +71,17 @@ class DecodedImage:
     def is_colour(self) -> bool:
         """A colour picture (colourfulness above :data:`COLOUR_LIMIT`), which no radiograph is."""
         return self.colourfulness > COLOUR_LIMIT
+
+
+def header_only(error: ImageReadError) -> DecodedImage:
+    """The :class:`DecodedImage` of a DICOM object whose header was read but whose pixels cannot be used
+    (``error.dicom`` set): no pixels (a 0 x 0 array, bit depth 0), its header summary, and why there are no
+    pixels as its warning. Only for inputs the modality gate stops, which never reach the network."""
+    if error.dicom is None:
+        raise ValueError("header_only needs an ImageReadError that carries a DICOM header summary")
+    problem = str(error).removeprefix(f"Cannot read image '{error.source}': ").removesuffix(error.hint).strip()
+    return DecodedImage(np.zeros((0, 0), np.float32), error.source, "DICOM", 0, (f"no usable pixels: {problem}",),
+                        error.dicom.modality or None, 0.0, error.dicom)
 
 
 def fail(source: str, reason: str, problem: str, hint: str) -> ImageReadError:

@@ -118,6 +118,7 @@ def _decoder_missing(ts) -> bool:
 
 def decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> DecodedImage:
     """Decode DICOM ``data`` (see the module docstring); every problem is an :class:`ImageReadError`."""
+    ds = None
     try:
         ds, notes = read_dataset(data, label)
         _check_decodable(ds, label)
@@ -126,19 +127,31 @@ def decode_dicom(data: bytes, label: str, max_pixels: int, min_side: int) -> Dec
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         pixels, colour = _to_gray(ds, _first_frame(ds), rows, cols)
         bits = int(ds.get("BitsAllocated", 16) or 16)
-    except ImageReadError:
-        raise
+    except ImageReadError as exc:
+        raise _with_header(exc, ds)
     except Exception as exc:
         text = str(exc).lower()
         if isinstance(exc, EOFError) or any(s in text for s in ("truncat", "less than expected", "shorter than")):
-            raise fail(label, "truncated", f"the DICOM file ends too early ({short(exc)})", RECOPY) from None
-        raise fail(label, "corrupt", f"the DICOM data cannot be decoded ({short(exc)})",
-                   f"Check the file in a DICOM viewer, or {_EXPORT}.") from None
+            raise _with_header(fail(label, "truncated", f"the DICOM file ends too early ({short(exc)})", RECOPY),
+                               ds) from None
+        raise _with_header(fail(label, "corrupt", f"the DICOM data cannot be decoded ({short(exc)})",
+                                f"Check the file in a DICOM viewer, or {_EXPORT}."), ds) from None
     if frames > 1:
         notes.append(f"multi-frame DICOM: using frame 1 of {frames}")
     modality = clean_label(ds.get("Modality", "") or "").strip() or None
     return finish(pixels, label, "DICOM", 8 if bits <= 8 else 16 if bits <= 16 else 32, notes, modality,
                   colourfulness=colour, dicom=summarize(ds))
+
+
+def _with_header(error: ImageReadError, ds) -> ImageReadError:
+    """``error`` carrying the summary of ``ds``'s header when the header was read: its pixels are unusable, but
+    the header may still say the object is out of scope (a report, an ultrasound cine ...)."""
+    if ds is not None and error.dicom is None:
+        try:
+            error.dicom = summarize(ds)
+        except Exception:  # noqa: BLE001 -- a header too damaged to summarise: the error stands as it is
+            pass
+    return error
 
 
 def _check_decodable(ds, label: str) -> None:

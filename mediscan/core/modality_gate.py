@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Iterable
 if TYPE_CHECKING:  # the type only
     from mediscan.core.dicom_header import DicomHeader
 
-__all__ = ["DEFAULT_MODALITIES", "MODALITY_NAMES", "checkpoint_modalities", "modality_gate", "modality_rule",
-           "sop_class_modality"]
+__all__ = ["DEFAULT_MODALITIES", "MODALITY_NAMES", "checkpoint_modalities", "gate_unreadable", "modality_gate",
+           "modality_rule", "sop_class_modality"]
 
 #: What a checkpoint is taken to have been trained on when its metadata does not say: the radiograph-like
 #: modalities (computed / digital radiography, CT, MR, angiography, fluoroscopy).
@@ -117,6 +117,14 @@ def modality_gate(header: DicomHeader | None, allowed: Iterable[str] = DEFAULT_M
         return (f"Its SOP class ({name}) is modality {_describe(implied)}, not one this model was trained on "
                 f"({trained}); it was not analysed.")
     return None
+
+
+def gate_unreadable(error: Exception, allowed: Iterable[str] = DEFAULT_MODALITIES) -> str | None:
+    """The gate's sentence for an input that could not be decoded but whose DICOM header was read and puts it
+    out of scope (``error.dicom``, set by the DICOM decoder: a Structured Report, an ultrasound cine nothing
+    can decode ...); ``None`` when the error stands -- the header was not read or says nothing against it."""
+    header = getattr(error, "dicom", None)
+    return None if header is None else modality_gate(header, allowed)
 
 
 def modality_rule(allowed: Iterable[str]) -> str:

@@ -125,7 +125,7 @@ class DicomNode:
         cfg = self.config
         store = lambda event: scp.store_handler(  # noqa: E731 - pynetdicom calls handler(event, *args)
             event, self.collector, max_instance_bytes=int(cfg.max_instance_mb * 2**20),
-            max_pixels=self.predictor.max_pixels, stats=self.stats)
+            max_pixels=self.predictor.max_pixels, stats=self.stats, modalities=self.predictor.modalities)
         handlers = [(scp.evt.EVT_C_STORE, store), (scp.evt.EVT_REQUESTED, scp.allow_handler, [cfg.allow]),
                     (scp.evt.EVT_RELEASED, self._association_ended), (scp.evt.EVT_ABORTED, self._association_ended)]
         ssl_context = tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None

@@ -10,7 +10,9 @@ Answers (Error Comment says why, in at most 64 characters):
 * 0x0000 -- stored for analysis; also for non-image objects of a routed study (SR, presentation states,
   KOS, SEG, RT ...) and MediScan's own results, which are accepted and not analysed, with a log line;
 * 0xA700 -- over the size limit, or the work queue is full;
-* 0xC000 -- an image that cannot be used: no pixel data, truncated, undecodable, no SeriesInstanceUID.
+* 0xC000 -- an image that cannot be used: no pixel data, truncated, undecodable, no SeriesInstanceUID. An image
+  whose header the modality gate stops (an ultrasound cine in MPEG-4, a mammogram without pixel data) is stored
+  for analysis instead: its series is answered out of scope from the header, as the decodable ones are.
 
 Every storage SOP class is offered with every transfer syntax pynetdicom knows, compressed ones included:
 an archive that cannot transcode (Debian's Orthanc and JPEG 2000) would otherwise send nothing.
@@ -28,6 +30,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from mediscan.core.imaging import ImageReadError, read_image
+from mediscan.core.modality_gate import DEFAULT_MODALITIES, gate_unreadable
 from mediscan.dicom.series import PendingSeries
 from mediscan.dicom.uids import is_own_instance, log_id
 
@@ -97,19 +100,25 @@ def _status(code: int, comment: str = ""):
     return answer
 
 
-def _check_image(data: bytes, max_pixels: int) -> str | None:
-    """``None`` when the instance decodes, else a short reason for the Error Comment."""
+def _check_image(data: bytes, max_pixels: int, modalities: tuple[str, ...]) -> str | None:
+    """``None`` when the instance decodes -- or when its pixels cannot be used but its header puts it outside
+    ``modalities`` (an ultrasound cine in MPEG-4 ...), which the analysis answers out of scope from the header
+    alone -- else a short reason for the Error Comment."""
     try:
         read_image(data, name="instance", max_pixels=max_pixels)
     except ImageReadError as exc:
+        if gate_unreadable(exc, modalities) is not None:
+            return None
         return {"no_pixel_data": "no pixel data", "truncated": "truncated pixel data",
                 "unsupported": "unsupported encoding", "too_large": "image too large",
                 "too_small": "image too small"}.get(exc.reason, "undecodable pixel data")
     return None
 
 
-def store_handler(event, collector: SeriesCollector, *, max_instance_bytes: int, max_pixels: int, stats: dict):
-    """The EVT_C_STORE handler (see the module docstring for the answers)."""
+def store_handler(event, collector: SeriesCollector, *, max_instance_bytes: int, max_pixels: int, stats: dict,
+                  modalities: tuple[str, ...] = DEFAULT_MODALITIES):
+    """The EVT_C_STORE handler (see the module docstring for the answers); ``modalities``: the checkpoint's
+    (:func:`mediscan.core.modality_gate.checkpoint_modalities`)."""
     data = event.encoded_dataset(include_meta=True)
     if len(data) > max_instance_bytes:
         stats["refused"] += 1
@@ -126,7 +135,7 @@ def store_handler(event, collector: SeriesCollector, *, max_instance_bytes: int,
                  "MediScan's own result" if is_own_instance(header) else "not an image")
         return 0x0000
     series_uid = str(header.get("SeriesInstanceUID", "") or "")
-    problem = "no SeriesInstanceUID" if not series_uid else _check_image(data, max_pixels)
+    problem = "no SeriesInstanceUID" if not series_uid else _check_image(data, max_pixels, modalities)
     if problem:
         stats["refused"] += 1
         if series_uid:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mediscan.core.decoded import header_only
 from mediscan.core.dicom_header import HeaderCheck, header_check
 from mediscan.core.imaging import read_image
+from mediscan.core.modality_gate import gate_unreadable
 from mediscan.core.verdicts import series_verdict
 from mediscan.dicom.structured_report import SeriesFinding
 
@@ -119,8 +121,12 @@ def _decode(predictor, chosen: list) -> tuple[list, list, list[str]]:
             decoded.append(read_image(inst.data, name=f"instance {k + 1} of the series",
                                       max_pixels=predictor.max_pixels))
             used.append(inst)
-        except ValueError as exc:  # ImageReadError: already answered with a failure status on arrival
-            errors.append(str(exc))
+        except ValueError as exc:  # ImageReadError
+            if gate_unreadable(exc, predictor.modalities) is not None:
+                decoded.append(header_only(exc))   # no usable pixels, but the gate answers it from its header
+                used.append(inst)
+            else:                                  # already answered with a failure status on arrival
+                errors.append(str(exc))
     return decoded, used, errors
 
 

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from mediscan.core.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from mediscan.core.decoded import header_only
 from mediscan.core.dicom_header import HeaderMapping, header_check
 from mediscan.core.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, read_image
-from mediscan.core.modality_gate import checkpoint_modalities, modality_gate
+from mediscan.core.modality_gate import checkpoint_modalities, gate_unreadable, modality_gate
 from mediscan.core.ood import OODDetector
 from mediscan.core.preprocessing import CropGeometry, preprocess
 from mediscan.core.verdicts import DEFAULT_UNCERTAIN_BELOW, VERDICTS, verdict
@@ -214,14 +215,24 @@ class Predictor:
     # ---------------------------------------------------------------------------------- the pipeline
 
     def prepare(self, image: ImageInput, name: str | None = None) -> PreparedImage:
-        """Decode + preprocess one input (raises :class:`ImageReadError` for one that cannot be decoded).
+        """Decode + preprocess one input (raises :class:`ImageReadError` for one that cannot be decoded, unless
+        its DICOM header alone puts it out of scope: a report or an undecodable ultrasound cine is answered
+        ``out_of_scope`` like any input the modality gate stops).
 
         Thread-safe and model-free: run it in worker threads ahead of :meth:`run_prepared`."""
         t0 = time.perf_counter()
-        if isinstance(image, DecodedImage):
-            decoded = dataclasses.replace(image, source=name) if name else image
-        else:
-            decoded = read_image(image, name=name, max_pixels=self.max_pixels)
+        try:
+            if isinstance(image, DecodedImage):
+                decoded = dataclasses.replace(image, source=name) if name else image
+            else:
+                decoded = read_image(image, name=name, max_pixels=self.max_pixels)
+        except ImageReadError as exc:
+            # A report, presentation state or ultrasound cine has no pixels this program can use, but its
+            # header says it is out of scope: that is the answer, not "cannot read".
+            stop = gate_unreadable(exc, self.modalities)
+            if stop is None:
+                raise
+            return PreparedImage(header_only(exc), None, None, {"decode": _ms_since(t0), "preprocess": 0.0}, stop)
         decode_ms = _ms_since(t0)
         stop = modality_gate(decoded.dicom, self.modalities)
         if stop is not None:

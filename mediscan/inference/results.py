@@ -119,8 +119,11 @@ class Explanation:
         return png_bytes(self.overlay(alpha, colormap))
 
     def heatmap_grid(self, size: int) -> list[list[float]]:
-        """The heatmap averaged down to ``size`` x ``size`` cells (rounded), for compact JSON."""
+        """The heatmap averaged down to ``size`` x ``size`` cells (rounded), for compact JSON. A header-only
+        DICOM object (no pixels; the modality gate stopped it) has an all-zero grid, as every stopped input."""
         import cv2
+        if self.heatmap.size == 0:
+            return [[0.0] * size for _ in range(size)]
         small = cv2.resize(np.asarray(self.heatmap, np.float32), (size, size), interpolation=cv2.INTER_AREA)
         return np.round(small, 4).tolist()
 
@@ -139,6 +142,6 @@ class Explanation:
         }
         if grid:
             out["heatmap_grid"] = self.heatmap_grid(int(grid))
-        if include_overlay:
+        if include_overlay and self.image.size:     # a header-only DICOM object has no pixels to draw on
             out["overlay_png_base64"] = base64.b64encode(self.overlay_png()).decode("ascii")
         return out
