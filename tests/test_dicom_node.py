@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
 import ssl
 import subprocess
 import time
@@ -22,6 +23,7 @@ from mediscan.devtools.synthetic import FAKE_PATIENT, dicom_study
 from mediscan.dicom.node import DicomNode, NodeConfig
 from mediscan.dicom.sender import CStoreDestination
 from mediscan.dicom.status import read_status
+from mediscan.dicom.tls_server import HandshakeInThreadServer
 
 #: SNOMED CT codes of the classes, written out here (not read from the code under test).
 SNOMED = {"lungs": "39607008", "heart": "80891009", "brain": "12738006", "bone": "272673000"}
@@ -320,6 +322,31 @@ def _tls_client(certs, *, with_certificate: bool) -> ssl.SSLContext:
     if with_certificate:
         context.load_cert_chain(certs["client"], certs["client_key"])
     return context
+
+
+def test_a_silent_connection_holds_neither_the_tls_node_nor_its_own_thread(node, tmp_path, monkeypatch):
+    """pynetdicom handshakes in its accept loop, without a time limit: one TCP connection that never sends a
+    ClientHello stopped the node from accepting anyone (mediscan/dicom/tls_server.py)."""
+    monkeypatch.setattr(HandshakeInThreadServer, "handshake_timeout", 1.0)
+    certs = make_tls_certificates(tmp_path)
+    n = node(tls_cert=certs["server"], tls_key=certs["server_key"], tls_ca=certs["ca"])
+    silent = socket.create_connection(("127.0.0.1", n.port))
+    try:
+        time.sleep(0.3)                                  # accepted, and waiting for a handshake
+        ae = AE(ae_title="TLSSCU")
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", n.port, ae_title="MEDISCAN",
+                             tls_args=(_tls_client(certs, with_certificate=True), "127.0.0.1"))
+        assert assoc.is_established, "a silent connection kept the TLS node from accepting a client"
+        try:
+            assert assoc.send_c_echo().Status == 0
+        finally:
+            assoc.release()
+        silent.settimeout(5)
+        assert silent.recv(1) == b"", "the silent connection was not closed after the handshake timeout"
+    finally:
+        silent.close()
 
 
 def test_tls_node_serves_tls_clients_with_a_certificate_and_refuses_the_others(node, tmp_path):

@@ -29,6 +29,7 @@ from mediscan.dicom.results import result_datasets, warm_up
 from mediscan.dicom.sender import DeliveryError, FolderDestination, deliver
 from mediscan.dicom.series import analyse_series
 from mediscan.dicom.status import write_status
+from mediscan.dicom.tls_server import start_server
 from mediscan.dicom.uids import checkpoint_sha256, log_id
 
 __all__ = ["DicomNode", "NodeConfig", "tls_context"]
@@ -129,8 +130,7 @@ class DicomNode:
         handlers = [(scp.evt.EVT_C_STORE, store), (scp.evt.EVT_REQUESTED, scp.allow_handler, [cfg.allow]),
                     (scp.evt.EVT_RELEASED, self._association_ended), (scp.evt.EVT_ABORTED, self._association_ended)]
         ssl_context = tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
-        self._server = self.ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers,
-                                            ssl_context=ssl_context)
+        self._server = start_server(self.ae, (cfg.host, cfg.port), evt_handlers=handlers, ssl_context=ssl_context)
         self._running, self._bound_port = True, self._server.server_address[1]
         self._write_status()
         for target in (self._monitor, self._worker):
