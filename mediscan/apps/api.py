@@ -278,7 +278,7 @@ def _explain(predictor: Predictor, data: bytes, name: str, class_name: str | Non
     body = details.pop("prediction")
     details["heatmap_grid_size"] = grid
     details["overlay_alpha"] = alpha
-    if explanation.image.size:               # a header-only DICOM object (a report ...) has nothing to draw on
+    if explanation.has_pixels:
         details["overlay_png_base64"] = base64.b64encode(explanation.overlay_png(alpha)).decode("ascii")
     body["explanation"] = details
     return body

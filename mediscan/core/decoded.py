@@ -33,7 +33,8 @@ class ImageReadError(ValueError):
     ``str(err)`` is a complete sentence naming the source, the problem and what to do.
     Attributes: ``source`` (file name / label), ``reason`` (one of "missing", "empty",
     "not_image", "truncated", "too_large", "too_small", "no_pixel_data", "unsupported",
-    "corrupt"), ``hint`` (what to do) and ``dicom``: the header summary of a DICOM file whose header was
+    "corrupt"), ``problem`` (what is wrong, the middle of the message), ``hint`` (what to do) and
+    ``dicom``: the header summary of a DICOM file whose header was
     read but whose pixels cannot be used (``None`` otherwise), so that the modality gate can still answer
     for a report or other non-image object instead of calling it unreadable.
 
@@ -41,11 +42,12 @@ class ImageReadError(ValueError):
     torch's DataLoader worker re-raise (which calls ``type(err)(message)``).
     """
 
-    def __init__(self, message: str, *, source: str = "<input>", reason: str = "corrupt", hint: str = "",
-                 dicom: DicomHeader | None = None):
+    def __init__(self, message: str, *, source: str = "<input>", reason: str = "corrupt", problem: str = "",
+                 hint: str = "", dicom: DicomHeader | None = None):
         super().__init__(message)
         self.source = source
         self.reason = reason
+        self.problem = problem or message
         self.hint = hint
         self.dicom = dicom
 
@@ -79,14 +81,15 @@ def header_only(error: ImageReadError) -> DecodedImage:
     pixels as its warning. Only for inputs the modality gate stops, which never reach the network."""
     if error.dicom is None:
         raise ValueError("header_only needs an ImageReadError that carries a DICOM header summary")
-    problem = str(error).removeprefix(f"Cannot read image '{error.source}': ").removesuffix(error.hint).strip()
-    return DecodedImage(np.zeros((0, 0), np.float32), error.source, "DICOM", 0, (f"no usable pixels: {problem}",),
+    return DecodedImage(np.zeros((0, 0), np.float32), error.source, "DICOM", 0,
+                        (f"no usable pixels: {error.problem}.",),
                         error.dicom.modality or None, 0.0, error.dicom)
 
 
 def fail(source: str, reason: str, problem: str, hint: str) -> ImageReadError:
     """The error for ``source``: "Cannot read image '<source>': <problem>. <hint>"."""
-    return ImageReadError(f"Cannot read image '{source}': {problem}. {hint}", source=source, reason=reason, hint=hint)
+    return ImageReadError(f"Cannot read image '{source}': {problem}. {hint}", source=source, reason=reason,
+                          problem=problem, hint=hint)
 
 
 def clean_label(text: str) -> str:

@@ -351,7 +351,7 @@ def _predicted_rows(predictor, job: ArchiveJob, pending) -> Iterator[list[list[s
                 continue
             result = next(results)
             rows.append(prediction_row(path, result, classes))
-            if with_maps and result.image.size:    # a header-only DICOM object has no pixels to draw on
+            if with_maps and result.has_pixels:
                 _write_overlay(result, job.overlays / path, job.alpha)
         yield rows
 

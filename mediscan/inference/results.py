@@ -105,6 +105,12 @@ class Explanation:
     heatmap: np.ndarray
     faithfulness: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def has_pixels(self) -> bool:
+        """Whether there is an image to draw on (``False`` for a header-only DICOM object -- a report, an
+        undecodable cine -- which the modality gate stopped: no overlay, an all-zero grid)."""
+        return self.image.size > 0
+
     def overlay(self, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
         """``(H, W, 3)`` RGB uint8: the heatmap blended over the image. Cheap: no model call. An input the
         modality gate stopped has no heatmap: its overlay is the image alone (no colour wash of an empty map)."""
@@ -122,7 +128,7 @@ class Explanation:
         """The heatmap averaged down to ``size`` x ``size`` cells (rounded), for compact JSON. A header-only
         DICOM object (no pixels; the modality gate stopped it) has an all-zero grid, as every stopped input."""
         import cv2
-        if self.heatmap.size == 0:
+        if not self.has_pixels:
             return [[0.0] * size for _ in range(size)]
         small = cv2.resize(np.asarray(self.heatmap, np.float32), (size, size), interpolation=cv2.INTER_AREA)
         return np.round(small, 4).tolist()
@@ -142,6 +148,6 @@ class Explanation:
         }
         if grid:
             out["heatmap_grid"] = self.heatmap_grid(int(grid))
-        if include_overlay and self.image.size:     # a header-only DICOM object has no pixels to draw on
+        if include_overlay and self.has_pixels:
             out["overlay_png_base64"] = base64.b64encode(self.overlay_png()).decode("ascii")
         return out
