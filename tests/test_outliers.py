@@ -1,4 +1,4 @@
-"""Outlier exposure (synthetic outliers, energy-margin loss) and the modalities a checkpoint records."""
+"""Outlier exposure (synthetic outliers, energy-margin loss, BatchNorm statistics after it) and the modalities a checkpoint records."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import densenet121_xray_classifier as cli
-from mediscan.core.checkpoint import read_metadata
+from mediscan.core.checkpoint import load_checkpoint, read_metadata
+from mediscan.core.dataset import load_split, scan_dataset
 from mediscan.core.modality_gate import DEFAULT_MODALITIES
+from mediscan.core.pixel_cache import to_model_range
 from mediscan.devtools.synthetic import dicom_bytes, make_dataset, pattern_image
+from mediscan.training.epochs import calibrate_batchnorm, spread_rows
 from mediscan.training.fit import TrainConfig, fit
 from mediscan.training.modalities import parse_modalities, training_modalities
 from mediscan.training.outliers import OUTLIER_KINDS, energy, energy_margin_loss, make_outliers
@@ -127,3 +130,38 @@ def test_checkpoints_record_the_modalities_they_were_trained_on(two_runs):
     plain, exposed = two_runs
     assert read_metadata(plain.best_path)["modalities"] == list(DEFAULT_MODALITIES)   # PNG data: the default
     assert read_metadata(exposed.best_path)["modalities"] == ["DX", "CR"]            # the flag overrides it
+
+
+def _clean_norm0_statistics(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of what the first BatchNorm sees for ``images``, by hand:
+    the stem convolution applied to the un-augmented images, no outliers among them."""
+    with torch.no_grad():
+        stem = model.features.conv0(images)
+    per_channel = stem.transpose(0, 1).flatten(1)
+    return per_channel.mean(1), per_channel.var(1, unbiased=True)
+
+
+def test_after_outlier_exposure_the_saved_model_normalises_with_statistics_of_training_images_alone(two_runs):
+    """The last epoch (stage 2, outliers in every batch) must leave running statistics that describe the
+    clean training images, not the mixed batches; measured on the stem BatchNorm against a hand computation."""
+    _, exposed = two_runs
+    saved = load_checkpoint(exposed.best_path.with_name("last.safetensors"), torch.device("cpu"))
+    assert saved.meta["stage"] == 2
+    splits = scan_dataset(exposed.best_path.parent.parent / "dataset", val_fraction=0.15, seed=0)
+    train, _ = load_split(splits.split("train"), TINY["input_size"], workers=1)
+    assert 0 < len(train) <= TINY["batch_size"] * 4               # one calibration batch: the exact mean
+    mean, var = _clean_norm0_statistics(saved.model, to_model_range(train.pixels))
+    norm0 = saved.model.features.norm0
+    torch.testing.assert_close(norm0.running_mean, mean, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(norm0.running_var, var, rtol=1e-3, atol=1e-3)
+
+
+def test_batchnorm_calibration_reads_rows_spread_over_the_whole_split_not_its_first_ones():
+    assert spread_rows(10, 4).tolist() == [0, 2, 5, 7]
+    assert spread_rows(3, 5).tolist() == [0, 1, 2]
+    # A split stored class by class: the first half dark, the second bright. The first 8 rows would give -1000.
+    images = torch.cat([torch.full((50, 1, 4, 4), -1000.0), torch.full((50, 1, 4, 4), 1000.0)])
+    norm = torch.nn.BatchNorm2d(1)
+    calibrate_batchnorm(torch.nn.Sequential(norm), images, batch_size=4, device=torch.device("cpu"), max_images=8)
+    assert norm.running_mean.item() == pytest.approx(0.0, abs=1e-3)   # rows 0, 12, ..., 87: four dark, four bright
+    assert norm.momentum == 0.1 and norm.training                      # restored as they were

@@ -64,12 +64,16 @@ def wrap_for_stage(model: OrganClassifier, stage: int, env: DistEnv, device: tor
 @torch.no_grad()
 def calibrate_batchnorm(features: nn.Module, images, batch_size: int, device: torch.device,
                         max_images: int = 2048) -> None:
-    """Re-estimate BatchNorm running statistics of a randomly initialised backbone on training images.
+    """Re-estimate the BatchNorm running statistics of ``features`` on (at most ``max_images``) training images.
 
-    A fresh backbone's statistics (mean 0, variance 1) are meaningless for [-1024, 1024] inputs, and
-    stage 1 keeps them frozen, so without this the frozen features would be scaled by ~1000 and the
-    head would start from huge logits. Pretrained backbones keep the statistics they were trained with.
-    ``images``: model-range floats, or a split's uint8 ``pixels`` (converted per batch on ``device``).
+    Two uses. A fresh backbone's statistics (mean 0, variance 1) are meaningless for [-1024, 1024] inputs,
+    and stage 1 keeps them frozen, so without this the frozen features would be scaled by ~1000 and the
+    head would start from huge logits (pretrained backbones keep the statistics they were trained with).
+    And after an outlier-exposure epoch (:func:`precise_batchnorm_after_outliers`).
+
+    The images are spread evenly over the split, not its first rows: a split is stored class by class, and
+    the first 2,048 rows of a large one are a single class. ``images``: model-range floats, or a split's
+    uint8 ``pixels`` (converted per batch on ``device``).
     """
     norms = [m for m in features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved_momentum = [m.momentum for m in norms]
@@ -77,14 +81,39 @@ def calibrate_batchnorm(features: nn.Module, images, batch_size: int, device: to
     for m in norms:
         m.reset_running_stats()
         m.momentum = None                       # cumulative average over all batches seen
+    rows = spread_rows(len(images), max_images)
     features.train()
     try:
-        for start in range(0, min(len(images), max_images), batch_size):
-            features(to_model_range(gather(images, slice(start, start + batch_size), device)))
+        for start in range(0, len(rows), batch_size):
+            features(to_model_range(gather(images, rows[start:start + batch_size], device)))
     finally:
         for m, momentum in zip(norms, saved_momentum):
             m.momentum = momentum
         features.train(was_training)
+
+
+def spread_rows(count: int, wanted: int) -> torch.Tensor:
+    """``min(count, wanted)`` distinct row numbers spread evenly over ``range(count)``, in order."""
+    if count <= wanted:
+        return torch.arange(count)
+    return torch.div(torch.arange(wanted) * count, wanted, rounding_mode="floor")
+
+
+def precise_batchnorm_after_outliers(model: OrganClassifier, split: TensorSplit, config: TrainConfig,
+                                     device: torch.device) -> None:
+    """After a stage-2 epoch with outlier exposure: BatchNorm statistics from training images alone.
+
+    Why: the outliers share every training forward pass with the batch (so BatchNorm's batch statistics
+    see both, which the loss needs), and the running statistics the evaluated model uses are an average
+    of those mixed batches -- about a third synthetic outliers at ``oe_fraction`` 0.5. At validation,
+    test and prediction time only real images come, normalised by statistics that describe something
+    else. Re-estimating them on clean training images ("precise BN", Wu & Johnson 2021) after every such
+    epoch means validation, the best checkpoint and everything fitted on it see the statistics the
+    model is used with. Measured on the short CPU schedule (docs/benchmarks.md, "Outlier exposure with
+    precise BatchNorm"). Training itself is unaffected: in train mode BatchNorm uses batch statistics.
+    """
+    if config.outlier_exposure:
+        calibrate_batchnorm(model.features, split.pixels, config.batch_size * 4, device)
 
 
 def class_weight_tensor(labels: torch.Tensor, n_classes: int) -> torch.Tensor:

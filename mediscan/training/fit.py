@@ -47,6 +47,7 @@ from mediscan.training.epochs import (
     is_better,
     make_optimizer,
     pooled_training_features,
+    precise_batchnorm_after_outliers,
     set_train_mode,
     train_full_epoch,
     train_head_epoch,
@@ -210,6 +211,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             run.graphed = _try_graph(run, indices)
         totals = train_full_epoch(run.model, run.trainable, run.train, indices, run.optimizer, run.criterion,
                                   config, run.local_batch, epoch, device, generator, run.graphed)
+        precise_batchnorm_after_outliers(run.model, run.train, config, device)   # same rows on every rank
     loss_sum, correct, seen = all_reduce_sum(totals, env).tolist()
     record = {"epoch": epoch, "stage": stage, "train_loss": loss_sum / max(seen, 1),
               "train_acc": correct / max(seen, 1)}
