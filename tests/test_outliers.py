@@ -16,7 +16,14 @@ from mediscan.devtools.synthetic import dicom_bytes, make_dataset, pattern_image
 from mediscan.training.epochs import calibrate_batchnorm, spread_rows
 from mediscan.training.fit import TrainConfig, fit
 from mediscan.training.modalities import parse_modalities, training_modalities
-from mediscan.training.outliers import OUTLIER_KINDS, energy, energy_margin_loss, make_outliers
+from mediscan.training.outliers import (
+    OUTLIER_KINDS,
+    energy,
+    energy_margin_loss,
+    make_outliers,
+    outlier_exposure_loss,
+    parse_outlier_kinds,
+)
 
 TINY = dict(weights="none", input_size=32, head_epochs=1, finetune_epochs=1, batch_size=8, progress=False,
             workers=1, gallery=False)
@@ -165,3 +172,43 @@ def test_batchnorm_calibration_reads_rows_spread_over_the_whole_split_not_its_fi
     calibrate_batchnorm(torch.nn.Sequential(norm), images, batch_size=4, device=torch.device("cpu"), max_images=8)
     assert norm.running_mean.item() == pytest.approx(0.0, abs=1e-3)   # rows 0, 12, ..., 87: four dark, four bright
     assert norm.momentum == 0.1 and norm.training                      # restored as they were
+
+
+def test_outliers_can_be_drawn_from_a_subset_of_kinds_and_all_is_the_default_draw():
+    images = _batch(64)
+    _, kinds = make_outliers(images, torch.Generator().manual_seed(3), kinds=("mosaic", "texture"))
+    assert set(kinds.tolist()) == {OUTLIER_KINDS.index("mosaic"), OUTLIER_KINDS.index("texture")}
+    default, default_kinds = _outliers(4, images)
+    every, every_kinds = make_outliers(images, torch.Generator().manual_seed(4), kinds=parse_outlier_kinds("all"))
+    assert torch.equal(default, every) and torch.equal(default_kinds, every_kinds)
+
+
+def test_outlier_kind_names_are_parsed_and_bad_ones_are_named(capsys):
+    assert parse_outlier_kinds("warp, patch_shuffle") == ("patch_shuffle", "warp")
+    assert parse_outlier_kinds("ALL") == OUTLIER_KINDS
+    with pytest.raises(ValueError, match="unknown kind swirl.*patch_shuffle, phase_scramble, mosaic, warp, texture"):
+        parse_outlier_kinds("warp,swirl")
+    with pytest.raises(SystemExit):
+        cli.main(["--data", "nowhere", "--outlier-exposure", "--oe-kinds", "swirl"])
+    assert "unknown kind swirl" in capsys.readouterr().err
+    help_text = cli.get_args_parser().format_help()
+    assert all(kind in help_text for kind in OUTLIER_KINDS)        # the flag's help lists every kind there is
+
+
+def test_the_training_loss_draws_outliers_of_the_configured_kinds_only():
+    class Recorder(torch.nn.Module):
+        """Keeps what the network was shown; answers 4 zero logits per image."""
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            self.seen = x.detach().clone()
+            return self.bias.expand(len(x), 4)
+    images, labels = _batch(8), torch.arange(8) % 4
+    config = TrainConfig(data="unused", outlier_exposure=True, oe_kinds="texture", amp=False)
+    network = Recorder()
+    outlier_exposure_loss(network, images, labels, torch.nn.CrossEntropyLoss(), config,
+                          torch.Generator().manual_seed(5), torch.device("cpu"))
+    expected, _ = make_outliers(images, torch.Generator().manual_seed(5), 4, ("texture",))
+    torch.testing.assert_close(network.seen[8:], expected)

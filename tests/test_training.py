@@ -249,3 +249,28 @@ print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
     assert proc.stdout.split() == ["svg", "False"]
     for name in ("confusion_matrix.png", "training_curves.png", "g.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_the_threshold_is_fitted_on_validation_as_the_predictor_decodes_it(trained):
+    """The "at most 5 % of validation flagged" promise is about the Predictor's numbers: float pixels straight
+    from the files, not the 8-bit copy training keeps (these 40 px images are resized to 32, so rounding them
+    moves every score). Reference: the same fit on validation features computed by hand through the
+    Predictor's own decoding."""
+    from mediscan.core.imaging import read_image
+    from mediscan.core.ood import DEFAULT_LAYERS, fit_ood
+    from mediscan.core.preprocessing import preprocess
+    from mediscan.core.runtime import predict_split
+    config, result, _ = trained
+    saved = load_checkpoint(result.best_path)
+    splits = scan_dataset(config.data, val_fraction=0.15, seed=0)
+    train, _ = load_split(splits.split("train"), config.input_size, workers=1)
+    val_files = [s.path for s in splits.split("val")]
+    as_predictor = torch.stack([preprocess(read_image(f).pixels, config.input_size)[0] for f in val_files])
+    _, val_pooled = predict_split(saved.model, as_predictor, 64, torch.device("cpu"), layers=DEFAULT_LAYERS)
+    _, train_pooled = predict_split(saved.model, train.pixels, 64, torch.device("cpu"), layers=DEFAULT_LAYERS)
+    reference = fit_ood(train_pooled, train.labels, val_pooled)
+    assert saved.meta["ood"]["threshold"] == pytest.approx(reference.threshold, rel=1e-6)
+    rounded_val, _ = load_split(splits.split("val"), config.input_size, workers=1)
+    _, rounded_pooled = predict_split(saved.model, rounded_val.pixels, 64, torch.device("cpu"), layers=DEFAULT_LAYERS)
+    rounded = fit_ood(train_pooled, train.labels, rounded_pooled)
+    assert rounded.threshold != pytest.approx(reference.threshold, rel=1e-6)    # the test can tell the two apart

@@ -51,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-exposure", action="store_true",
                    help="stage 2 also trains on synthetic outliers made from the batch (energy-margin loss)")
     p.add_argument("--oe-weight", type=float, default=d.oe_weight, help="weight of the outlier-exposure loss")
+    p.add_argument("--oe-kinds", default=d.oe_kinds,
+                   help="synthetic outlier kinds for --outlier-exposure: all, or a comma-separated subset of "
+                        "patch_shuffle, phase_scramble, mosaic, warp, texture")
     p.add_argument("--evaluate", metavar="CHECKPOINT", help="only evaluate CHECKPOINT on <data>/test and write a report")
     p.add_argument("--refit-ood", metavar="CHECKPOINT",
                    help="only refit CHECKPOINT's out-of-scope statistics on <data> train/val (no retraining)")
@@ -72,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             parse_modalities(args.modalities)
         except ValueError as exc:
             parser.error(str(exc))
+    from mediscan.training.outliers import parse_outlier_kinds
+    try:
+        parse_outlier_kinds(args.oe_kinds)
+    except ValueError as exc:
+        parser.error(str(exc))
     from mediscan.core.checkpoint import CheckpointError
     from mediscan.core.dataset import DatasetError
     from mediscan.core.model import WeightsError

@@ -22,7 +22,7 @@ from mediscan.core.checkpoint import CheckpointError, load_checkpoint, save_chec
 from mediscan.core.dataset import DatasetError, DatasetSplits, TensorSplit, load_split, scan_dataset
 from mediscan.core.model import OrganClassifier
 from mediscan.core.ood import DEFAULT_LAYERS, OODDetector, fit_ood
-from mediscan.core.runtime import predict_split, select_device
+from mediscan.core.runtime import predict_files, predict_split, select_device
 from mediscan.evaluation.metrics import classification_metrics, fit_temperature
 from mediscan.evaluation.report import save_history, save_split_gallery, write_report
 from mediscan.training.config import TrainConfig
@@ -37,12 +37,17 @@ def fit_detector(model: OrganClassifier, train: TensorSplit, val: TensorSplit, b
     """The out-of-scope detector of ``model`` (statistics on ``train``, threshold on ``val``) and the fp32
     validation logits computed on the way.
 
-    fp32 even where training ran under bf16 autocast: the Predictor answers in fp32, and the temperature
-    and the out-of-scope threshold only mean what they promise ("at most 5 % of validation flagged") on
-    the numbers it computes (docs/benchmarks.md, "Training: the out-of-scope fit runs in fp32").
+    Validation images are decoded again from their files, in float as the Predictor decodes them
+    (:func:`~mediscan.core.runtime.predict_files`), and run in fp32 even where training ran under bf16
+    autocast: the temperature and the out-of-scope threshold only mean what they promise ("at most 5 % of
+    validation flagged") on the numbers the Predictor computes (docs/benchmarks.md, "Training: the
+    out-of-scope fit runs in fp32").
     ``energy``: the classifier's free energy joins the score (models trained with outlier exposure).
     """
-    val_logits, val_pooled = predict_split(model, val.pixels, batch_size, device, amp=False, layers=DEFAULT_LAYERS)
+    # Validation straight from its files, as the Predictor will see it: the threshold's promise is about those
+    # numbers, not the 8-bit copy training keeps (runtime.predict_files says why it matters).
+    val_logits, val_pooled = predict_files(model, val.paths, val.pixels.shape[-1], batch_size, device,
+                                           layers=DEFAULT_LAYERS)
     _, train_pooled = predict_split(model, train.pixels, batch_size, device, amp=False, layers=DEFAULT_LAYERS)
     return fit_ood(train_pooled, train.labels.cpu(), val_pooled, n_classes=n_classes,
                    val_logits=val_logits if energy else None), val_logits

@@ -30,12 +30,25 @@ import torch.nn.functional as F
 from mediscan.core.ood import free_energy as energy
 from mediscan.core.preprocessing import scale_to_model_range, scale_to_unit_range
 
-__all__ = ["OUTLIER_KINDS", "make_outliers", "energy", "energy_margin_loss", "DEFAULT_MARGINS"]
+__all__ = ["OUTLIER_KINDS", "make_outliers", "parse_outlier_kinds", "energy", "energy_margin_loss", "DEFAULT_MARGINS"]
 
 OUTLIER_KINDS = ("patch_shuffle", "phase_scramble", "mosaic", "warp", "texture")
 #: (margin_in, margin_out) of the energy hinge. E = -log 4 = -1.39 for uniform logits; a confident
 #: in-distribution answer (top logit ~6 above the rest) has E ~ -6.
 DEFAULT_MARGINS = (-6.0, -2.0)
+
+
+def parse_outlier_kinds(text: str) -> tuple[str, ...]:
+    """``"all"`` or comma-separated names from :data:`OUTLIER_KINDS` -> those kinds, in :data:`OUTLIER_KINDS`
+    order. Raises ``ValueError`` naming what is unknown and what there is."""
+    if text.strip().lower() == "all":
+        return OUTLIER_KINDS
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in OUTLIER_KINDS]
+    if unknown or not names:
+        raise ValueError(f"--oe-kinds: {'unknown kind ' + ', '.join(unknown) if unknown else 'no kind given'}; "
+                         f"use 'all' or a comma-separated list of {', '.join(OUTLIER_KINDS)}")
+    return tuple(kind for kind in OUTLIER_KINDS if kind in names)
 
 
 def _rand(shape, generator, device) -> torch.Tensor:
@@ -111,20 +124,23 @@ def _texture(x: torch.Tensor, generator) -> torch.Tensor:
 
 
 def make_outliers(images: torch.Tensor, generator: torch.Generator | None = None,
-                  count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  count: int | None = None, kinds: tuple[str, ...] = OUTLIER_KINDS) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` (default: all) synthetic outliers from a batch of model-range images ``(B, 1, S, S)``.
 
     Returns ``(outliers, kinds)``: outliers ``(count, 1, S, S)`` in [-1024, 1024] on the batch's device,
     and each one's index into :data:`OUTLIER_KINDS`. The i-th outlier is made from ``images[i]`` (mosaics
     also from other images of the batch). ``generator`` must live on the batch's device; a generator seeded
-    the same way gives the same outliers.
+    the same way gives the same outliers. ``kinds``: the kinds to draw from (each outlier's kind is drawn
+    uniformly among them), e.g. all but one to see how the detector does on a kind it never trained on.
     """
     if images.ndim != 4:
         raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
     count = len(images) if count is None else min(int(count), len(images))
     pool = scale_to_unit_range(images).clamp(0.0, 1.0)
     source = pool[:count]
-    kinds = (_rand((count,), generator, images.device) * len(OUTLIER_KINDS)).long().clamp_max(len(OUTLIER_KINDS) - 1)
+    allowed = torch.tensor([OUTLIER_KINDS.index(kind) for kind in kinds], device=images.device)
+    drawn = (_rand((count,), generator, images.device) * len(allowed)).long().clamp_max(len(allowed) - 1)
+    kinds = allowed[drawn]
     out = torch.empty_like(source)
     makers = (lambda x: _patch_shuffle(x, generator), lambda x: _phase_scramble(x, generator),
               lambda x: _mosaic(x, generator, pool), lambda x: _warp(x, generator),
@@ -161,7 +177,7 @@ def outlier_exposure_loss(network: torch.nn.Module, images: torch.Tensor, labels
     """
     from mediscan.core.runtime import autocast, to_memory_format
     count = max(1, int(round(len(images) * config.oe_fraction)))
-    outliers, _ = make_outliers(images, generator, count)
+    outliers, _ = make_outliers(images, generator, count, parse_outlier_kinds(config.oe_kinds))
     with autocast(device, config.amp):
         logits = network(to_memory_format(torch.cat([images, outliers]), device)).float()
     in_logits, out_logits = logits[:len(images)], logits[len(images):]
