@@ -65,9 +65,7 @@ def predict_split(model: OrganClassifier, images: torch.Tensor, batch_size: int,
                 pooled[name].append(value.float().cpu())
     finally:
         model.train(was_training)
-    if not logits:
-        return torch.empty(0, model.num_classes), {name: torch.empty(0, 0) for name in layers}
-    return torch.cat(logits), {name: torch.cat(values) for name, values in pooled.items()}
+    return _joined(model, logits, pooled, layers)
 
 
 def predict_files(model: OrganClassifier, paths: Sequence[str | Path], input_size: int, batch_size: int,
@@ -95,6 +93,12 @@ def predict_files(model: OrganClassifier, paths: Sequence[str | Path], input_siz
             logits.append(out)
             for name, value in taps.items():
                 pooled[name].append(value)
+    return _joined(model, logits, pooled, layers)
+
+
+def _joined(model: OrganClassifier, logits: list[torch.Tensor], pooled: dict[str, list[torch.Tensor]],
+            layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-batch outputs concatenated; empty tensors of the right width when there were no images."""
     if not logits:
         return torch.empty(0, model.num_classes), {name: torch.empty(0, 0) for name in layers}
     return torch.cat(logits), {name: torch.cat(values) for name, values in pooled.items()}

@@ -22,6 +22,7 @@ classifier (CSV, API, DICOM SR, Grad-CAM) changes; an extra "none of these" clas
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,9 +39,10 @@ OUTLIER_KINDS = ("patch_shuffle", "phase_scramble", "mosaic", "warp", "texture")
 DEFAULT_MARGINS = (-6.0, -2.0)
 
 
+@functools.lru_cache(maxsize=None)
 def parse_outlier_kinds(text: str) -> tuple[str, ...]:
     """``"all"`` or comma-separated names from :data:`OUTLIER_KINDS` -> those kinds, in :data:`OUTLIER_KINDS`
-    order. Raises ``ValueError`` naming what is unknown and what there is."""
+    order. Raises ``ValueError`` naming what is unknown and what there is. Cached: the loss asks every step."""
     if text.strip().lower() == "all":
         return OUTLIER_KINDS
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -49,6 +51,12 @@ def parse_outlier_kinds(text: str) -> tuple[str, ...]:
         raise ValueError(f"--oe-kinds: {'unknown kind ' + ', '.join(unknown) if unknown else 'no kind given'}; "
                          f"use 'all' or a comma-separated list of {', '.join(OUTLIER_KINDS)}")
     return tuple(kind for kind in OUTLIER_KINDS if kind in names)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind_indices(kinds: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """``kinds`` as indices into :data:`OUTLIER_KINDS`, on ``device`` -- made once, not copied there every step."""
+    return torch.tensor([OUTLIER_KINDS.index(kind) for kind in kinds], device=device)
 
 
 def _rand(shape, generator, device) -> torch.Tensor:
@@ -138,7 +146,7 @@ def make_outliers(images: torch.Tensor, generator: torch.Generator | None = None
     count = len(images) if count is None else min(int(count), len(images))
     pool = scale_to_unit_range(images).clamp(0.0, 1.0)
     source = pool[:count]
-    allowed = torch.tensor([OUTLIER_KINDS.index(kind) for kind in kinds], device=images.device)
+    allowed = _kind_indices(tuple(kinds), images.device)
     drawn = (_rand((count,), generator, images.device) * len(allowed)).long().clamp_max(len(allowed) - 1)
     kinds = allowed[drawn]
     out = torch.empty_like(source)
