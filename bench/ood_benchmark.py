@@ -196,9 +196,12 @@ def score_parts(predictor: Predictor, images: list) -> tuple[np.ndarray, dict[st
 
 
 def layer_flags(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
-    """Per detector part: which of the decoded ``images`` that part alone puts above the threshold."""
+    """Per detector part: which of the decoded ``images`` that part alone puts above the threshold (the max
+    rule), or above its own validation percentile (relative score > 1; Fisher's rule has no per-part
+    threshold, and one part's p-value alone rarely passes it)."""
     _, parts = score_parts(predictor, images)
-    return {name: scores > predictor.ood.threshold for name, scores in parts.items()}
+    limit = predictor.ood.threshold if predictor.ood.combination == "max" else 1.0
+    return {name: scores > limit for name, scores in parts.items()}
 
 
 def run_predictions(predictor: Predictor, items: list, names: list[str], batch_size: int):
@@ -240,8 +243,10 @@ def report(predictor: Predictor, ood_samples: list[Sample], ood_results, val_res
         by_features = [r.ood_score > predictor.ood.threshold for r in ood_results]
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))}; the detector alone "
               f"flags {percent(sum(by_features), len(by_features))}")
+        alone = ("above the threshold on its own" if predictor.ood.combination == "max"
+                 else f"beyond its own {predictor.ood.percentile:g}th validation percentile")
         for layer, flags in layer_flags(predictor, decoded).items():
-            print(f"  {'  layer ' + layer:16s} above the threshold on its own: {percent(int(flags.sum()), len(flags))}")
+            print(f"  {'  layer ' + layer:16s} {alone}: {percent(int(flags.sum()), len(flags))}")
     else:
         print(f"  {'colour check':16s} flags {percent(sum(colour), len(colour))} (the only check here)")
 
@@ -312,19 +317,22 @@ def _val_threshold(val_scores: np.ndarray) -> float:
 
 
 def _part_scores(predictor: Predictor, images: list) -> dict[str, np.ndarray]:
-    """Per image: energy alone, and the Mahalanobis layers alone (their max, without any energy part)."""
+    """Per image: energy alone, the Mahalanobis layers alone (their max, without any energy part), and the max of
+    all the detector's relative parts (the combination rule before Fisher's)."""
     logits, parts = score_parts(predictor, images)
     scores = {"energy": energies(logits)}
     layers = [v for k, v in parts.items() if k != "energy"]
     if layers:
         scores["mahalanobis"] = np.max(np.stack(layers), axis=0)
+        scores["max of parts"] = np.max(np.stack(list(parts.values())), axis=0)
     return scores
 
 
 def near_ood_report(predictor: Predictor, folder: Path, val_files: list[Path], val_results, args) -> None:
     """Flagged % per near_ood kind (grayscale kinds separately, overall): MediScan as shipped, the max-softmax
-    baseline at the same validation budget, and each part alone -- Mahalanobis layers, energy -- with its
-    own threshold from validation only (at most 5 % of validation above it)."""
+    baseline at the same validation budget, the detector's parts combined by their max instead (with the
+    colour check, as MediScan), and each part alone -- Mahalanobis layers, energy -- each with its own
+    threshold from validation only (at most 5 % of validation above it)."""
     kinds = near_ood_kinds(folder)
     msp = getattr(args, "msp_threshold", predictor.uncertain_below)
     val_images = [read_image(f) for f, r in zip(val_files, val_results) if not isinstance(r, ImageReadError)]
@@ -332,9 +340,10 @@ def near_ood_report(predictor: Predictor, folder: Path, val_files: list[Path], v
     thresholds = {name: _val_threshold(v) for name, v in val_parts.items()}
     print(f"\n== near_ood ({folder}) " + "=" * 50)
     for name, v in val_parts.items():
-        print(f"  {name} alone: threshold {thresholds[name]:.3f} flags {100 * (v > thresholds[name]).mean():.1f}% of val")
-    print(f"  {'kind':20s} {'MediScan':>16s} {'max-softmax':>16s} {'Mahalanobis':>16s} {'energy':>16s}")
-    totals = {"all": np.zeros(5, int), "grayscale": np.zeros(5, int)}
+        print(f"  {name}{'' if name == 'max of parts' else ' alone'}: threshold {thresholds[name]:.3f} flags {100 * (v > thresholds[name]).mean():.1f}% of val")
+    print(f"  {'kind':20s} {'MediScan':>16s} {'max-softmax':>16s} {'max of parts':>16s} {'Mahalanobis':>16s} "
+          f"{'energy':>16s}")
+    totals = {"all": np.zeros(6, int), "grayscale": np.zeros(6, int)}
     grayscale_ok = True
     for kind, files in kinds.items():
         results = predictor.predict_many(files, batch_size=args.batch_size)
@@ -342,7 +351,9 @@ def near_ood_report(predictor: Predictor, folder: Path, val_files: list[Path], v
         decoded = [read_image(f) for f, _ in pairs]
         gray = not any(image.is_colour for image in decoded)
         parts = _part_scores(predictor, decoded) if thresholds else {}
-        alone = [int((parts[n] > thresholds[n]).sum()) if n in parts else -1 for n in ("mahalanobis", "energy")]
+        colour = np.array([image.is_colour for image in decoded], dtype=bool)
+        by_max = int(((parts["max of parts"] > thresholds["max of parts"]) | colour).sum()) if "max of parts" in parts else -1
+        alone = [by_max] + [int((parts[n] > thresholds[n]).sum()) if n in parts else -1 for n in ("mahalanobis", "energy")]
         row = np.array([len(pairs), sum(r.verdict == "out_of_scope" for _, r in pairs),
                         sum(r.confidence is not None and r.confidence < msp for _, r in pairs), *alone])
         totals["all"] += row
@@ -371,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{predictor.input_size}px | temperature {predictor.temperature:.3f} | weights {card['weight_source']}")
     if predictor.ood is not None:
         layers = ", ".join(f"{name} (shrinkage {layer.shrinkage:.3f})" for name, layer in predictor.ood.layers.items())
-        print(f"detector: Mahalanobis on {layers}; threshold {predictor.ood.threshold:.3f} "
+        energy = " + classifier energy" if predictor.ood.energy_scale is not None else ""
+        print(f"detector: Mahalanobis on {layers}{energy}, combined by {predictor.ood.combination}; "
+              f"threshold {predictor.ood.threshold:.3f} "
               f"({predictor.ood.percentile:g}th percentile, from {predictor.ood.threshold_from}), "
               f"{predictor.ood.n_train} training images")
     else:

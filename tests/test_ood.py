@@ -361,15 +361,15 @@ def test_the_rule_is_written_once_and_an_old_stored_rule_still_loads(layered):
 
 # ------------------------------------------------------------------ energy part (outlier-exposure checkpoints)
 
-def _energy_fit(seed: int = 0):
+def _energy_fit(seed: int = 0, combination: str | None = None):
     train, train_labels = clustered(400, 6, seed)
     val, _ = clustered(200, 6, seed + 1)
     val_logits = torch.randn(200, N_CLASSES, generator=torch.Generator().manual_seed(seed + 2)) * 3
-    return fit_ood(train, train_labels, val, val_logits=val_logits), val, val_logits
+    return fit_ood(train, train_labels, val, val_logits=val_logits, combination=combination), val, val_logits
 
 
 def test_the_energy_part_is_scaled_by_its_validation_percentile_and_joins_the_max():
-    detector, val, val_logits = _energy_fit()
+    detector, val, val_logits = _energy_fit(combination="max")
     energy = -torch.logsumexp(val_logits.double(), 1)               # independent of the module's helper
     assert detector.energy_scale == pytest.approx(float(np.quantile(energy.numpy(), 0.95, method="higher")))
     parts = detector.layer_scores(val, val_logits)
@@ -397,3 +397,112 @@ def test_the_energy_part_round_trips_and_needs_the_logits():
         detector.score(val)
     plain = fit_ood(*clustered(400, 6, 3), clustered(200, 6, 4)[0])
     assert plain.energy_scale is None and "energy" not in plain.to_meta()
+
+
+# ------------------------------------------------------------------ Fisher's combination of the parts
+
+def _p_value(reference: np.ndarray, score: float, *, itself: bool = False) -> float:
+    """Plain counting: (1 + #reference >= score) / (1 + #reference); ``itself``: score is one of them, left out."""
+    at_least = sum(1 for value in reference if value >= score) - (1 if itself else 0)
+    size = len(reference) - (1 if itself else 0)
+    return (1 + at_least) / (1 + size)
+
+
+def test_with_the_energy_the_parts_are_combined_by_fishers_method_on_validation_p_values():
+    from scipy.stats import combine_pvalues
+    detector, val, val_logits = _energy_fit(5)
+    assert detector.combination == "fisher" and detector.to_meta()["combination"] == "fisher"
+    parts = {name: scores.numpy() for name, scores in detector.layer_scores(val, val_logits).items()}
+    assert list(parts) == [FINAL_LAYER, "energy"]
+    # Validation against itself, each image left out of its own reference, then the threshold rule.
+    loo = np.array([combine_pvalues([_p_value(parts[n], parts[n][i], itself=True) for n in parts],
+                                    method="fisher").statistic / 2 for i in range(len(val))], dtype=np.float32)
+    kept = float(np.quantile(loo, 0.95, method="higher"))
+    assert detector.threshold == pytest.approx((kept + float(loo[loo > kept].min())) / 2, rel=1e-6)
+    assert flagged_with(detector, val, val_logits) <= 0.05
+    # New images: p-values among all 200 validation scores, Fisher's statistic / 2 = -sum(log p).
+    new, _ = clustered(30, 6, seed=9)
+    new_logits = torch.randn(30, N_CLASSES, generator=torch.Generator().manual_seed(10)) * 3
+    new_parts = {name: scores.numpy() for name, scores in detector.layer_scores(new, new_logits).items()}
+    expected = [combine_pvalues([_p_value(parts[n], new_parts[n][i]) for n in parts], method="fisher").statistic / 2
+                for i in range(30)]
+    np.testing.assert_allclose(detector.score(new, new_logits).numpy(), expected, rtol=1e-5)
+    assert "Fisher" in detector.rule() and "energy" in detector.rule()
+
+
+def flagged_with(detector: OODDetector, features, logits) -> float:
+    flags = detector.is_out_of_scope(features, logits)
+    return int(flags.sum()) / len(flags)
+
+
+def test_fisher_flags_an_image_unusual_on_every_part_that_the_max_lets_through():
+    """Both parts at their validation 93rd percentile: below the max's threshold (with two independent parts,
+    about each one's 97.5th percentile), but two p-values of 0.07 together (-sum(log p) = 5.3) are rarer than
+    95 % of validation (about 4.7 for two independent parts)."""
+    gen = torch.Generator().manual_seed(0)
+    train, train_labels = clustered(400, 6, 0)
+    val, _ = clustered(200, 6, 1)
+    val_logits = torch.randn(200, N_CLASSES, generator=gen) * 3
+    fisher = fit_ood(train, train_labels, val, val_logits=val_logits)
+    largest = fit_ood(train, train_labels, val, val_logits=val_logits, combination="max")
+    parts = fisher.layer_scores(val, val_logits)
+    distance, energy = (float(np.quantile(parts[n].numpy(), 0.93)) for n in (FINAL_LAYER, "energy"))
+    # A point at that distance from its nearest class mean, along a direction the covariance measures,
+    # and logits with that energy: solve both by bisection against the detector's own parts.
+    layer = fisher.layers[FINAL_LAYER]
+    direction = torch.randn(1, 6, generator=gen)
+    centre = layer.means[:1]
+    low, high = 0.0, 100.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if float(layer.distance(centre + mid * direction)) / layer.scale < distance else (low, mid)
+    image = centre + low * direction
+    flat_logit = -(energy + fisher.energy_scale - 1.0) - math.log(N_CLASSES)   # E = -(c + log 4)
+    logits = torch.full((1, N_CLASSES), flat_logit)
+    got = fisher.layer_scores(image, logits)
+    assert float(got[FINAL_LAYER]) == pytest.approx(distance, rel=1e-3)
+    assert float(got["energy"]) == pytest.approx(energy, rel=1e-3)
+    assert not bool(largest.is_out_of_scope(image, logits)[0])
+    assert bool(fisher.is_out_of_scope(image, logits)[0])
+
+
+def test_fisher_round_trips_and_a_damaged_reference_is_refused():
+    detector, val, val_logits = _energy_fit(3)
+    tensors, meta = detector.to_tensors(), json.loads(json.dumps(detector.to_meta()))
+    assert tensors["ood.reference"].shape == (2, 200) and meta["reference"]["parts"] == [FINAL_LAYER, "energy"]
+    again = OODDetector.from_checkpoint(load_tensors(save_tensors(tensors)), {"ood": meta})
+    assert again.combination == "fisher" and again.threshold == detector.threshold
+    assert torch.equal(again.score(val, val_logits), detector.score(val, val_logits))
+    without = {k: v for k, v in tensors.items() if k != "ood.reference"}
+    with pytest.raises(ValueError, match="validation scores for each of its 2 parts"):
+        OODDetector.from_checkpoint(without, {"ood": meta})
+    with pytest.raises(ValueError, match="reference rows are for parts"):
+        OODDetector.from_checkpoint(tensors, {"ood": dict(meta, reference={"parts": ["norm5", "x"], "size": 200})})
+    older = {k: v for k, v in meta.items() if k not in ("combination", "reference")}  # written before Fisher
+    assert OODDetector.from_checkpoint(tensors, {"ood": older}).combination == "max"
+
+
+def test_without_the_energy_the_max_stays_and_bad_combinations_are_named():
+    train, labels = clustered(400, 6, 3)
+    val, _ = clustered(200, 6, 4)
+    plain = fit_ood(train, labels, val)
+    assert plain.combination == "max" and plain.reference is None and "ood.reference" not in plain.to_tensors()
+    assert fit_ood(train, labels, val, combination="fisher").combination == "fisher"
+    with pytest.raises(ValueError, match="combination must be one of max, fisher"):
+        fit_ood(train, labels, val, combination="mean")
+    with pytest.raises(ValueError, match="pass val_features"):
+        fit_ood(train, labels, combination="fisher")
+
+
+def test_a_large_validation_set_keeps_a_reference_of_evenly_spaced_order_statistics(monkeypatch):
+    from mediscan.core import combination
+    monkeypatch.setattr(combination, "REFERENCE_SIZE", 50)
+    train, labels = clustered(400, 6, 0)
+    val, _ = clustered(800, 6, 1)
+    logits = torch.randn(800, N_CLASSES, generator=torch.Generator().manual_seed(2)) * 3
+    detector = fit_ood(train, labels, val, val_logits=logits)
+    assert detector.reference.shape == (2, 50)
+    full = np.sort(np.stack([s.numpy() for s in detector.layer_scores(val, logits).values()]), axis=1)
+    picks = np.round(np.linspace(0, 799, 50)).astype(int)
+    np.testing.assert_allclose(detector.reference.numpy(), full[:, picks], rtol=1e-12)
+    assert 0.03 <= flagged_with(detector, val, logits) <= 0.07     # the promise, up to the reference's resolution

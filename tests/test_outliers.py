@@ -13,10 +13,12 @@ from mediscan.core.dataset import load_split, scan_dataset
 from mediscan.core.modality_gate import DEFAULT_MODALITIES
 from mediscan.core.pixel_cache import to_model_range
 from mediscan.devtools.synthetic import dicom_bytes, make_dataset, pattern_image
+from mediscan.inference.predictor import Predictor
 from mediscan.training.epochs import calibrate_batchnorm, spread_rows
 from mediscan.training.fit import TrainConfig, fit
 from mediscan.training.modalities import parse_modalities, training_modalities
 from mediscan.training.outliers import (
+    DEFAULT_OUTLIER_KINDS,
     OUTLIER_KINDS,
     energy,
     energy_margin_loss,
@@ -51,7 +53,7 @@ def test_outliers_are_deterministic_for_a_seed_and_change_with_it():
 
 def test_outliers_keep_shape_and_range_cover_every_kind_and_differ_from_their_source():
     images = _batch()
-    outliers, kinds = _outliers(0, images, count=30)
+    outliers, kinds = make_outliers(images, torch.Generator().manual_seed(0), 30, OUTLIER_KINDS)
     assert outliers.shape == (30, 1, 32, 32) and outliers.dtype == images.dtype
     assert torch.isfinite(outliers).all() and outliers.min() >= -1024 and outliers.max() <= 1024
     assert set(kinds.tolist()) == set(range(len(OUTLIER_KINDS)))
@@ -126,6 +128,11 @@ def test_a_tiny_outlier_exposure_run_trains_end_to_end_and_its_energy_term_acts_
     assert exposed.best_path.is_file() and exposed.test_metrics is not None
     meta = read_metadata(exposed.best_path)
     assert meta["train_args"]["outlier_exposure"] is True and meta["ood"]["threshold"] > 0
+    # With the energy a part, the detector combines by Fisher's method, its reference saved with it.
+    assert meta["ood"]["combination"] == "fisher"
+    assert meta["ood"]["reference"]["parts"] == ["denseblock1", "norm5", "energy"]
+    predictor = Predictor(exposed.best_path, device="cpu")
+    assert predictor.ood.combination == "fisher" and predictor.ood.reference.shape[0] == 3
     stage1 = [h["train_loss"] for h in plain.history if h["stage"] == 1]
     assert stage1 == [h["train_loss"] for h in exposed.history if h["stage"] == 1]
     plain2 = [h["train_loss"] for h in plain.history if h["stage"] == 2]
@@ -174,19 +181,22 @@ def test_batchnorm_calibration_reads_rows_spread_over_the_whole_split_not_its_fi
     assert norm.momentum == 0.1 and norm.training                      # restored as they were
 
 
-def test_outliers_can_be_drawn_from_a_subset_of_kinds_and_all_is_the_default_draw():
+def test_outliers_can_be_drawn_from_a_subset_of_kinds_and_training_draws_the_default_five():
     images = _batch(64)
     _, kinds = make_outliers(images, torch.Generator().manual_seed(3), kinds=("mosaic", "texture"))
     assert set(kinds.tolist()) == {OUTLIER_KINDS.index("mosaic"), OUTLIER_KINDS.index("texture")}
+    assert parse_outlier_kinds(TrainConfig().oe_kinds) == DEFAULT_OUTLIER_KINDS == OUTLIER_KINDS[:5]
     default, default_kinds = _outliers(4, images)
-    every, every_kinds = make_outliers(images, torch.Generator().manual_seed(4), kinds=parse_outlier_kinds("all"))
-    assert torch.equal(default, every) and torch.equal(default_kinds, every_kinds)
+    configured, configured_kinds = make_outliers(images, torch.Generator().manual_seed(4),
+                                                 kinds=parse_outlier_kinds(TrainConfig().oe_kinds))
+    assert torch.equal(default, configured) and torch.equal(default_kinds, configured_kinds)
+    assert set(default_kinds.tolist()) == set(range(5))                # neither blends nor dead leaves
 
 
 def test_outlier_kind_names_are_parsed_and_bad_ones_are_named(capsys):
     assert parse_outlier_kinds("warp, patch_shuffle") == ("patch_shuffle", "warp")
     assert parse_outlier_kinds("ALL") == OUTLIER_KINDS
-    with pytest.raises(ValueError, match="unknown kind swirl.*patch_shuffle, phase_scramble, mosaic, warp, texture"):
+    with pytest.raises(ValueError, match="unknown kind swirl.*patch_shuffle, phase_scramble, mosaic, warp, texture, blend, dead_leaves"):
         parse_outlier_kinds("warp,swirl")
     with pytest.raises(SystemExit):
         cli.main(["--data", "nowhere", "--outlier-exposure", "--oe-kinds", "swirl"])
@@ -195,16 +205,18 @@ def test_outlier_kind_names_are_parsed_and_bad_ones_are_named(capsys):
     assert all(kind in help_text for kind in OUTLIER_KINDS)        # the flag's help lists every kind there is
 
 
-def test_the_training_loss_draws_outliers_of_the_configured_kinds_only():
-    class Recorder(torch.nn.Module):
-        """Keeps what the network was shown; answers 4 zero logits per image."""
-        def __init__(self):
-            super().__init__()
-            self.bias = torch.nn.Parameter(torch.zeros(4))
+class Recorder(torch.nn.Module):
+    """Keeps what the network was shown; answers 4 zero logits per image."""
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(4))
 
-        def forward(self, x):
-            self.seen = x.detach().clone()
-            return self.bias.expand(len(x), 4)
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return self.bias.expand(len(x), 4)
+
+
+def test_the_training_loss_draws_outliers_of_the_configured_kinds_only():
     images, labels = _batch(8), torch.arange(8) % 4
     config = TrainConfig(data="unused", outlier_exposure=True, oe_kinds="texture", amp=False)
     network = Recorder()
@@ -212,3 +224,63 @@ def test_the_training_loss_draws_outliers_of_the_configured_kinds_only():
                           torch.Generator().manual_seed(5), torch.device("cpu"))
     expected, _ = make_outliers(images, torch.Generator().manual_seed(5), 4, ("texture",))
     torch.testing.assert_close(network.seen[8:], expected)
+
+
+def _blend_weight(outlier: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> float | None:
+    """The weight w with outlier = w * first + (1 - w) * second (unit-range images), or None when no w fits."""
+    unit = [(image.double() + 1024.0) / 2048.0 for image in (outlier, first, second)]
+    difference = unit[1] - unit[2]
+    if float(difference.abs().max()) < 1e-3:
+        return None
+    w = float(((unit[0] - unit[2]) * difference).sum() / (difference * difference).sum())
+    fits = float((unit[0] - (w * unit[1] + (1 - w) * unit[2])).abs().max()) < 1e-4
+    return w if fits else None
+
+
+def _blend_partners(outliers: torch.Tensor, images: torch.Tensor) -> list[tuple[int, float]]:
+    """For each outlier i (made from images[i]): the one other image j it is a blend with, and the weight."""
+    found = []
+    for i, outlier in enumerate(outliers):
+        fits = [(j, w) for j in range(len(images)) if j != i
+                for w in [_blend_weight(outlier, images[i], images[j])] if w is not None]
+        assert len(fits) == 1, f"outlier {i}: {len(fits)} partners fit"
+        found.append(fits[0])
+    return found
+
+
+def test_blends_overlay_an_image_of_another_class_when_the_batch_has_one():
+    images, labels = _batch(16), torch.arange(16) % 4
+    blends, kinds = make_outliers(images, torch.Generator().manual_seed(11), kinds=("blend",), labels=labels)
+    assert set(kinds.tolist()) == {OUTLIER_KINDS.index("blend")}
+    partners = _blend_partners(blends, images)
+    assert all(labels[j] != labels[i] for i, (j, _) in enumerate(partners))
+    weights = [w for _, w in partners]
+    assert 0.35 <= min(weights) and max(weights) <= 0.65 and max(weights) - min(weights) > 0.1
+    # One class in the batch: any other image will do -- never the image itself (that is no outlier).
+    alike, _ = make_outliers(images, torch.Generator().manual_seed(11), kinds=("blend",), labels=torch.zeros(16))
+    _blend_partners(alike, images)
+
+
+def test_dead_leaves_are_flat_grey_discs_that_owe_nothing_to_the_batch():
+    images = _batch(16, size=64)
+    leaves, _ = make_outliers(images, torch.Generator().manual_seed(12), kinds=("dead_leaves",))
+    from_other, _ = make_outliers(-images, torch.Generator().manual_seed(12), kinds=("dead_leaves",))
+    assert torch.equal(leaves, from_other)                 # no source pixels in them
+    unit = (leaves[:, 0] + 1024.0) / 2048.0
+    flat = ((unit[:, 1:, 1:] - unit[:, 1:, :-1]).abs() < 1e-4) & ((unit[:, 1:, 1:] - unit[:, :-1, 1:]).abs() < 1e-4)
+    for image, inside in zip(unit, flat):
+        levels = torch.unique((image[1:, 1:][inside] * 1e4).round())
+        assert inside.float().mean() > 0.2 and len(levels) >= 10       # many leaves, each one flat grey
+        assert float(image.max() - image.min()) > 0.5
+
+
+def test_the_training_loss_blends_across_classes_with_the_batch_labels():
+    images = _batch(8)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1])      # only image 7 is of another class than the first four
+    network = Recorder()
+    outlier_exposure_loss(network, images, labels, torch.nn.CrossEntropyLoss(),
+                          TrainConfig(data="unused", outlier_exposure=True, oe_kinds="blend", amp=False),
+                          torch.Generator().manual_seed(6), torch.device("cpu"))
+    outliers = network.seen[8:]
+    assert len(outliers) == 4                              # oe_fraction 0.5 of the batch
+    assert [j for j, _ in _blend_partners(outliers, images)] == [7, 7, 7, 7]

@@ -203,7 +203,7 @@ def test_refit_ood_upgrades_an_old_checkpoint_to_what_training_stores(trained, t
 
     code = cli.main(["--refit-ood", str(old), "--data", config.data, "--out", str(tmp_path / "new")])
     assert code == cli.EXIT_OK, capsys.readouterr().err
-    assert "refitted on 32 train / 32 val images (denseblock1, norm5" in capsys.readouterr().out
+    assert "refitted on 32 train / 32 val images (max of denseblock1, norm5" in capsys.readouterr().out
     assert load_checkpoint(old).meta["ood"]["method"] == "mahalanobis-tied"      # --out: original untouched
     refitted = load_checkpoint(tmp_path / "new" / "best.safetensors")
     trained_meta = read_metadata(result.best_path)

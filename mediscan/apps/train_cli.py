@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--oe-weight", type=float, default=d.oe_weight, help="weight of the outlier-exposure loss")
     p.add_argument("--oe-kinds", default=d.oe_kinds,
                    help="synthetic outlier kinds for --outlier-exposure: all, or a comma-separated subset of "
-                        "patch_shuffle, phase_scramble, mosaic, warp, texture")
+                        "patch_shuffle, phase_scramble, mosaic, warp, texture, blend, dead_leaves")
     p.add_argument("--evaluate", metavar="CHECKPOINT", help="only evaluate CHECKPOINT on <data>/test and write a report")
     p.add_argument("--refit-ood", metavar="CHECKPOINT",
                    help="only refit CHECKPOINT's out-of-scope statistics on <data> train/val (no retraining)")

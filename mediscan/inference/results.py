@@ -27,9 +27,10 @@ class Prediction:
         confidence: its probability (``None`` when the gate stopped the input).
         verdict: ``"confident"``, ``"uncertain"`` or ``"out_of_scope"``.
         verdict_reason: one plain-language sentence explaining the verdict.
-        ood_score: out-of-scope score (the largest of the per-layer Mahalanobis distances, each relative
-            to validation images; higher = stranger; above ``Predictor.ood.threshold`` is out of scope),
-            ``None`` when the checkpoint has no out-of-scope statistics.
+        ood_score: out-of-scope score, higher = stranger (the largest of the per-layer Mahalanobis distances,
+            each relative to validation images; with ``Predictor.ood.combination == "fisher"``, Fisher's
+            ``-sum(log p)`` over their and the energy's validation p-values); above
+            ``Predictor.ood.threshold`` is out of scope. ``None`` when the checkpoint has no out-of-scope statistics.
         timings_ms: ``decode``, ``preprocess``, ``model`` (forward + calibration + OOD) and ``total``
             milliseconds (in batched calls ``model`` is this image's share of the batch).
         warnings: non-fatal notes from decoding (multi-frame DICOM, ignored EXIF, ...).

@@ -44,7 +44,8 @@ class TrainConfig:
     outlier_exposure: bool = False         # stage 2 also trains on synthetic outliers (training/outliers.py)
     oe_weight: float = 0.1                 # weight of the energy-margin loss on in-scope images and outliers
     oe_fraction: float = 0.5               # outliers per step, as a share of the batch
-    oe_kinds: str = "all"                  # which synthetic outlier kinds (comma-separated names, or all)
+    # Which synthetic outlier kinds (comma-separated names, or all): outliers.DEFAULT_OUTLIER_KINDS.
+    oe_kinds: str = "patch_shuffle,phase_scramble,mosaic,warp,texture"
 
     @property
     def total_epochs(self) -> int:

@@ -74,7 +74,8 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     meta.update(temperature=temperature, ood=detector.to_meta(),
                 metrics={"val": _headline(val_metrics), "test": _headline(test_metrics)})
     save_checkpoint(best_path, model, meta, detector.to_tensors())
-    log(f"temperature {temperature:.3f} (fitted on val); out-of-scope threshold {detector.threshold:.2f}")
+    log(f"temperature {temperature:.3f} (fitted on val); out-of-scope threshold {detector.threshold:.2f} "
+        f"({detector.combination} of {', '.join(detector.part_names)})")
     log(f"calibration and out-of-scope fit: {time.perf_counter() - started:.1f}s")
     _, curves = save_history(history, best_path.parent)
     if test_metrics is None:
@@ -144,7 +145,7 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     target.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(target, loaded.model, meta, {**_other_extra(loaded.extra), **detector.to_tensors()})
     log(f"out-of-scope statistics refitted on {detector.n_train} train / {detector.n_val} val images "
-        f"({', '.join(detector.layer_names)}; threshold {detector.threshold:.3f}) in "
+        f"({detector.combination} of {', '.join(detector.part_names)}; threshold {detector.threshold:.3f}) in "
         f"{time.perf_counter() - started:.1f}s: {target}")
     return target, detector
 

@@ -7,13 +7,20 @@ asks it to answer them differently. Here the examples are made on the fly from t
 -- never from the benchmark or ``near_ood`` images, which only measure -- so nothing is downloaded and no
 outlier set has to be shipped (synthetic-outlier training: Narayanaswamy et al., ICCV-W 2023).
 
-Kinds (:data:`OUTLIER_KINDS`), each keeps local image statistics but destroys anatomy:
+Kinds (:data:`OUTLIER_KINDS`). The first five keep local image statistics but destroy anatomy:
 
 * ``patch_shuffle``: the image cut into 4x4 tiles, tiles permuted (texture kept, layout gone);
 * ``phase_scramble``: Fourier magnitude kept, phase randomised (same spectrum, no structure);
 * ``mosaic``: quadrants cut from four different images of the batch (mixes of classes);
 * ``warp``: a strong sinusoidal displacement field (non-anatomical bending);
 * ``texture``: procedural band-limited noise plus oriented stripes (no source image at all).
+
+The last two aim at what gets through in practice (real anatomy of other body parts, photographs):
+
+* ``blend``: the image overlaid on one of another class of the batch, weights 0.35-0.65 -- whole, real
+  anatomy, but of no single class (mix-up as an outlier, as in MixOE, Zhang et al. 2023);
+* ``dead_leaves``: occluding grey discs with power-law radii, the scale statistics of photographs without a
+  photograph (Baradad et al. 2021 pretrain on such images).
 
 Loss (:func:`energy_margin_loss`, Liu et al. 2020, "Energy-based out-of-distribution detection"): with the
 free energy E(x) = -logsumexp(logits), in-distribution images are pushed below ``margin_in`` and
@@ -31,9 +38,12 @@ import torch.nn.functional as F
 from mediscan.core.ood import free_energy as energy
 from mediscan.core.preprocessing import scale_to_model_range, scale_to_unit_range
 
-__all__ = ["OUTLIER_KINDS", "make_outliers", "parse_outlier_kinds", "energy", "energy_margin_loss", "DEFAULT_MARGINS"]
+__all__ = ["OUTLIER_KINDS", "DEFAULT_OUTLIER_KINDS", "make_outliers", "parse_outlier_kinds", "energy", "energy_margin_loss", "DEFAULT_MARGINS"]
 
-OUTLIER_KINDS = ("patch_shuffle", "phase_scramble", "mosaic", "warp", "texture")
+OUTLIER_KINDS = ("patch_shuffle", "phase_scramble", "mosaic", "warp", "texture", "blend", "dead_leaves")
+#: What training draws unless told otherwise (``TrainConfig.oe_kinds``): blends and dead leaves did not help
+#: on three seeds of the short CPU schedule (docs/benchmarks.md, "Blends and dead leaves"), so they are opt-in.
+DEFAULT_OUTLIER_KINDS = OUTLIER_KINDS[:5]
 #: (margin_in, margin_out) of the energy hinge. E = -log 4 = -1.39 for uniform logits; a confident
 #: in-distribution answer (top logit ~6 above the rest) has E ~ -6.
 DEFAULT_MARGINS = (-6.0, -2.0)
@@ -131,15 +141,58 @@ def _texture(x: torch.Tensor, generator) -> torch.Tensor:
     return _normalise(mix * blobs + (1 - mix) * 0.5 * (stripes + 1))
 
 
+def _partners(count: int, labels: torch.Tensor | None, generator, device) -> torch.Tensor:
+    """A partner row for each of the first ``count`` rows of a pool of ``len(labels)`` images, drawn at random:
+    a row of another class where the pool has one, else any other row (itself only in a pool of one)."""
+    size = len(labels)
+    scores = _rand((count, size), generator, device) + 1.0          # in [1, 2): any row may win
+    rows = torch.arange(count, device=device)
+    scores[rows, rows] = 0.0                                          # itself: only when nothing else is there
+    other_class = labels[None, :] != labels[:count, None]
+    scores = scores + 2.0 * (other_class & other_class.any(1, keepdim=True))   # another class wins when it exists
+    return scores.argmax(1)
+
+
+def _blend(x: torch.Tensor, generator, pool: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """Each image overlaid on its partner, weights 0.35-0.65: two anatomies in one film (a double exposure)."""
+    weight = (0.35 + 0.3 * _rand((len(x), 1, 1, 1), generator, x.device)).to(x.dtype)
+    return weight * x + (1 - weight) * pool[partners]
+
+
+def _dead_leaves(x: torch.Tensor, generator, discs: int = 128) -> torch.Tensor:
+    """Occluding discs of random grey with power-law radii (the "dead leaves" model): the edge and scale
+    statistics of natural photographs (Lee, Mumford & Huang 2001) with nothing anatomical in them. 128 discs
+    of radius 5-50 % of the side cover the frame about three times over (a few per cent stays background);
+    a 3x3 box blur softens the edges as a lens would."""
+    n, c, h, w = x.shape
+    side = float(min(h, w))
+    low, high = (0.05 * side) ** -2, (0.5 * side) ** -2
+    radius = (low - _rand((n, discs), generator, x.device) * (low - high)).rsqrt()    # p(r) ~ r^-3 on [5 %, 50 %]
+    centre_y = (_rand((n, discs), generator, x.device) * 1.2 - 0.1) * h
+    centre_x = (_rand((n, discs), generator, x.device) * 1.2 - 0.1) * w
+    grey = _rand((n, discs + 1), generator, x.device)                               # column 0: the background
+    ys = torch.arange(h, device=x.device, dtype=torch.float32).view(1, 1, h, 1)
+    xs = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, 1, w)
+    covered = ((ys - centre_y[..., None, None]) ** 2 + (xs - centre_x[..., None, None]) ** 2
+               <= radius[..., None, None] ** 2)                                      # (n, discs, h, w)
+    order = torch.arange(1, discs + 1, device=x.device, dtype=torch.int16).view(1, discs, 1, 1)
+    top = (covered.to(torch.int16) * order).amax(1).long()           # the last disc dropped on each pixel; 0: none
+    painted = grey.gather(1, top.flatten(1)).view(n, 1, h, w)
+    painted = F.avg_pool2d(painted, 3, stride=1, padding=1, count_include_pad=False)
+    return painted.expand(n, c, h, w).to(x.dtype)
+
+
 def make_outliers(images: torch.Tensor, generator: torch.Generator | None = None,
-                  count: int | None = None, kinds: tuple[str, ...] = OUTLIER_KINDS) -> tuple[torch.Tensor, torch.Tensor]:
+                  count: int | None = None, kinds: tuple[str, ...] = DEFAULT_OUTLIER_KINDS,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` (default: all) synthetic outliers from a batch of model-range images ``(B, 1, S, S)``.
 
     Returns ``(outliers, kinds)``: outliers ``(count, 1, S, S)`` in [-1024, 1024] on the batch's device,
     and each one's index into :data:`OUTLIER_KINDS`. The i-th outlier is made from ``images[i]`` (mosaics
-    also from other images of the batch). ``generator`` must live on the batch's device; a generator seeded
-    the same way gives the same outliers. ``kinds``: the kinds to draw from (each outlier's kind is drawn
+    and blends also from other images of the batch). ``generator`` must live on the batch's device; a generator
+    seeded the same way gives the same outliers. ``kinds``: the kinds to draw from (each outlier's kind is drawn
     uniformly among them), e.g. all but one to see how the detector does on a kind it never trained on.
+    ``labels``: the batch's classes, so that a blend overlays two classes (without them, any two images).
     """
     if images.ndim != 4:
         raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
@@ -150,13 +203,21 @@ def make_outliers(images: torch.Tensor, generator: torch.Generator | None = None
     drawn = (_rand((count,), generator, images.device) * len(allowed)).long().clamp_max(len(allowed) - 1)
     kinds = allowed[drawn]
     out = torch.empty_like(source)
-    makers = (lambda x: _patch_shuffle(x, generator), lambda x: _phase_scramble(x, generator),
-              lambda x: _mosaic(x, generator, pool), lambda x: _warp(x, generator),
-              lambda x: _texture(x, generator))
-    for kind, maker in enumerate(makers):
+    # Without labels every image counts as its own class: a blend then pairs any two images.
+    classes = torch.arange(len(pool), device=images.device) if labels is None else labels.to(images.device)
+    makers = {  # each takes the chosen source images and the mask that chose them
+        "patch_shuffle": lambda x, _: _patch_shuffle(x, generator),
+        "phase_scramble": lambda x, _: _phase_scramble(x, generator),
+        "mosaic": lambda x, _: _mosaic(x, generator, pool),
+        "warp": lambda x, _: _warp(x, generator),
+        "texture": lambda x, _: _texture(x, generator),
+        "blend": lambda x, chosen: _blend(x, generator, pool, _partners(count, classes, generator, x.device)[chosen]),
+        "dead_leaves": lambda x, _: _dead_leaves(x, generator),
+    }
+    for kind, name in enumerate(OUTLIER_KINDS):   # in this order, so that a seed draws the same outliers
         chosen = kinds == kind
         if bool(chosen.any()):
-            out[chosen] = maker(source[chosen]).to(out.dtype)
+            out[chosen] = makers[name](source[chosen], chosen).to(out.dtype)
     return scale_to_model_range(out.clamp(0.0, 1.0)), kinds
 
 
@@ -185,7 +246,7 @@ def outlier_exposure_loss(network: torch.nn.Module, images: torch.Tensor, labels
     """
     from mediscan.core.runtime import autocast, to_memory_format
     count = max(1, int(round(len(images) * config.oe_fraction)))
-    outliers, _ = make_outliers(images, generator, count, parse_outlier_kinds(config.oe_kinds))
+    outliers, _ = make_outliers(images, generator, count, parse_outlier_kinds(config.oe_kinds), labels)
     with autocast(device, config.amp):
         logits = network(to_memory_format(torch.cat([images, outliers]), device)).float()
     in_logits, out_logits = logits[:len(images)], logits[len(images):]
