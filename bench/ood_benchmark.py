@@ -175,8 +175,8 @@ def goal(ok: bool) -> str:
 
 def score_parts(predictor: Predictor, images: list) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The raw logits ``(N, C)`` of the decoded ``images`` and, with a detector, each of its parts' relative
-    score (``{layer or "energy": (N,)}``; the detector flags an image when its largest part is above the
-    threshold). One extra forward pass over them."""
+    score (``{layer or "energy": (N,)}``, which the detector combines by its ``combination``). One extra
+    forward pass over them."""
     import torch
 
     from mediscan.core.preprocessing import preprocess

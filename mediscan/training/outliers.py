@@ -141,7 +141,7 @@ def _texture(x: torch.Tensor, generator) -> torch.Tensor:
     return _normalise(mix * blobs + (1 - mix) * 0.5 * (stripes + 1))
 
 
-def _partners(count: int, labels: torch.Tensor | None, generator, device) -> torch.Tensor:
+def _partners(count: int, labels: torch.Tensor, generator, device) -> torch.Tensor:
     """A partner row for each of the first ``count`` rows of a pool of ``len(labels)`` images, drawn at random:
     a row of another class where the pool has one, else any other row (itself only in a pool of one)."""
     size = len(labels)
@@ -173,10 +173,13 @@ def _dead_leaves(x: torch.Tensor, generator, discs: int = 128) -> torch.Tensor:
     grey = _rand((n, discs + 1), generator, x.device)                               # column 0: the background
     ys = torch.arange(h, device=x.device, dtype=torch.float32).view(1, 1, h, 1)
     xs = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, 1, w)
-    covered = ((ys - centre_y[..., None, None]) ** 2 + (xs - centre_x[..., None, None]) ** 2
-               <= radius[..., None, None] ** 2)                                      # (n, discs, h, w)
-    order = torch.arange(1, discs + 1, device=x.device, dtype=torch.int16).view(1, discs, 1, 1)
-    top = (covered.to(torch.int16) * order).amax(1).long()           # the last disc dropped on each pixel; 0: none
+    # Disc by disc into one (n, h, w) map, the last dropped on top (0: none): one disc's mask at a time, not
+    # all 128 at once (58 MB per image at 224 px).
+    top = torch.zeros((n, h, w), dtype=torch.long, device=x.device)
+    for disc in range(discs):
+        covered = ((ys[:, 0] - centre_y[:, disc, None, None]) ** 2 + (xs[:, 0] - centre_x[:, disc, None, None]) ** 2
+                   <= radius[:, disc, None, None] ** 2)
+        top[covered] = disc + 1
     painted = grey.gather(1, top.flatten(1)).view(n, 1, h, w)
     painted = F.avg_pool2d(painted, 3, stride=1, padding=1, count_include_pad=False)
     return painted.expand(n, c, h, w).to(x.dtype)
