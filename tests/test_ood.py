@@ -402,8 +402,10 @@ def test_the_energy_part_round_trips_and_needs_the_logits():
 # ------------------------------------------------------------------ Fisher's combination of the parts
 
 def _p_value(reference: np.ndarray, score: float, *, itself: bool = False) -> float:
-    """Plain counting: (1 + #reference >= score) / (1 + #reference); ``itself``: score is one of them, left out."""
-    at_least = sum(1 for value in reference if value >= score) - (1 if itself else 0)
+    """Plain counting: (1 + #reference >= score) / (1 + #reference); ``itself``: score is one of them, left out,
+    counted exactly. Otherwise a value down to 1e-3 * max(1, |score|) below the score counts as a tie."""
+    lowest_tie = score if itself else score - 1e-3 * max(1.0, abs(score))
+    at_least = sum(1 for value in reference if value >= lowest_tie) - (1 if itself else 0)
     size = len(reference) - (1 if itself else 0)
     return (1 + at_least) / (1 + size)
 
@@ -428,6 +430,24 @@ def test_with_the_energy_the_parts_are_combined_by_fishers_method_on_validation_
                 for i in range(30)]
     np.testing.assert_allclose(detector.score(new, new_logits).numpy(), expected, rtol=1e-5)
     assert "Fisher" in detector.rule() and "energy" in detector.rule()
+
+
+def test_a_validation_image_rescored_with_rounding_differences_scores_no_higher_than_when_the_threshold_was_placed():
+    """Each validation image sits exactly on its own reference values. Its features recomputed with rounding-
+    sized differences (another batch size, a GPU) must not lift its score above the leave-one-out score the
+    threshold was placed among; counted exactly, a part a hair above its own value loses it from the count and
+    the score rises by ln((M + 1) / M) per part, more than the halfway margin when two scores lie close."""
+    from scipy.stats import combine_pvalues
+    detector, val, val_logits = _energy_fit(5)
+    parts = {name: scores.numpy() for name, scores in detector.layer_scores(val, val_logits).items()}
+    loo = np.array([combine_pvalues([_p_value(parts[n], parts[n][i], itself=True) for n in parts],
+                                    method="fisher").statistic / 2 for i in range(len(val))])
+    gen = torch.Generator().manual_seed(11)
+    rounded = val * (1 + 1e-5 * torch.randn(val.shape, generator=gen))
+    rounded_logits = val_logits * (1 + 1e-5 * torch.randn(val_logits.shape, generator=gen))
+    again = detector.score(rounded, rounded_logits).double().numpy()
+    assert np.all(again <= loo + 1e-5), f"{int((again > loo + 1e-5).sum())} of {len(loo)} validation images score higher"
+    assert flagged_with(detector, rounded, rounded_logits) <= 0.05
 
 
 def flagged_with(detector: OODDetector, features, logits) -> float:

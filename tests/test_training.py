@@ -163,6 +163,34 @@ def test_evaluate_alone_in_a_fresh_process(trained, tmp_path):
     assert "Not a medical device" in (out / "report.md").read_text()
 
 
+def test_evaluate_and_refit_read_the_pixel_cache_and_never_convert_a_whole_split(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--cache-dir serves --refit-ood and --evaluate as it serves training; neither (nor the report's gallery)
+    turns a whole split into floats, which a million-image test split could not afford."""
+    from mediscan.core.dataset import TensorSplit
+    config, result, _ = trained
+
+    def whole_split(self):
+        raise AssertionError("a whole split was converted to floats")
+    monkeypatch.setattr(TensorSplit, "images", property(whole_split))
+    cache = tmp_path / "cache"
+    refit = ["--refit-ood", str(result.best_path), "--data", config.data, "--cache-dir", str(cache)]
+    assert cli.main(refit + ["--out", str(tmp_path / "a")]) == cli.EXIT_OK
+    assert capsys.readouterr().out.count("pixel cache built") == 2                    # train and val
+    assert cli.main(refit + ["--out", str(tmp_path / "b")]) == cli.EXIT_OK
+    assert capsys.readouterr().out.count("pixel cache reused") == 2
+    first, second = (read_metadata(tmp_path / name / "best.safetensors")["ood"] for name in "ab")
+    assert first["threshold"] == second["threshold"]
+    entries = len(list(cache.iterdir()))
+    code = cli.main(["--evaluate", str(result.best_path), "--data", config.data, "--cache-dir", str(cache),
+                     "--out", str(tmp_path / "eval")])
+    assert code == cli.EXIT_OK, capsys.readouterr().err
+    assert len(list(cache.iterdir())) > entries                                        # the test split joined it
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
+    assert metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+    assert (tmp_path / "eval" / "gradcam_gallery.png").is_file()
+
+
 def test_colour_training_images_are_named_in_the_log_and_the_report_notes(tmp_path):
     from PIL import Image
 

@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers, help="threads that decode images")
     p.add_argument("--cache-dir", default=d.cache_dir,
                    help="folder for an on-disk cache of the decoded images, reused by later runs on the same "
-                        "data and input size (default: decoded images stay in RAM)")
+                        "data and input size; --evaluate and --refit-ood read it too (default: decoded images "
+                        "stay in RAM)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 mixed precision on CUDA")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="train stage 2 eagerly on CUDA instead of replaying a captured graph")
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.refit_ood:
             from mediscan.training.finalize import refit_ood
             target, _ = refit_ood(args.refit_ood, args.data, out=args.out, batch_size=args.batch_size,
-                                  workers=args.workers, device=args.device, skip_bad=args.skip_bad)
+                                  workers=args.workers, device=args.device, skip_bad=args.skip_bad,
+                                  cache_dir=args.cache_dir)
             from mediscan.inference.onnx_backend import export_command, onnx_path_for
             if onnx_path_for(target).is_file():
                 print(f"note: {onnx_path_for(target)} is now stale; re-export it with\n    {export_command(target)}")
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             from mediscan.evaluation.report import evaluate_checkpoint
             report = evaluate_checkpoint(args.evaluate, args.data, out_dir=args.out, batch_size=args.batch_size,
-                                         workers=args.workers, device=args.device, skip_bad=args.skip_bad)
+                                         workers=args.workers, device=args.device, skip_bad=args.skip_bad,
+                                  cache_dir=args.cache_dir)
             print(f"report: {report}")
             return EXIT_OK
         from mediscan.training.config import TrainConfig

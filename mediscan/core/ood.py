@@ -58,7 +58,10 @@ outlier-exposure checkpoints it flagged more of the out-of-scope images on every
 test images in all (3.0 % against 4.9 %); on three without the energy part it flagged fewer
 (docs/benchmarks.md, "Combining the detector's parts"), so those keep the max. The reference holds at
 most :data:`~mediscan.core.combination.REFERENCE_SIZE` scores per part (evenly spaced order statistics of a larger validation set),
-so the checkpoint and the cost per image stay flat as the validation set grows. A limit: one part's
+so the checkpoint and the cost per image stay flat as the validation set grows. A new image's p-values count
+a reference value a rounding error below its score as a tie (:data:`~mediscan.core.combination.TIE_TOLERANCE`),
+so that a validation image scored again, with features rounded a little differently, scores no higher than
+when the threshold was placed. A limit: one part's
 p-value is at least ``1 / (1 + M)``, so with a small validation set one extreme part alone cannot pass the
 threshold (186 images: ``-log p <= 5.2`` against a threshold near 8); the synthetic outliers the network
 trained on, which the energy alone flagged under the max, are flagged less often (docs/benchmarks.md).

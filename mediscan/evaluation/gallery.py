@@ -28,6 +28,10 @@ CORRECT_COLOR = "black"
 WRONG_COLOR = "red"
 
 
+#: Tiles in a gallery: half misclassified, half correct where both exist.
+GALLERY_ITEMS = 16
+
+
 def select_items(true_indices: Sequence[int], predicted: Sequence[int], max_items: int) -> list[int]:
     """Pick up to ``max_items`` sample indices, half misclassified and half correct where both exist
     (the other group fills any shortfall), each group in its original order; returned sorted."""
@@ -48,7 +52,7 @@ def tile_title(true_index: int, predicted: int, probability: float, classes: Seq
 
 def save_gradcam_gallery(model: torch.nn.Module, samples: Sequence[tuple[np.ndarray, int, str]],
                          classes: Sequence[str], path: str | Path, input_size: int,
-                         max_items: int = 16) -> Path:
+                         max_items: int = GALLERY_ITEMS) -> Path:
     """Write a PNG grid of Grad-CAM overlays for ``samples`` and return its path.
 
     Args:

@@ -126,10 +126,11 @@ def write_report(out_dir: Path, *, classes: list[str], metrics: dict, meta: dict
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | None = None,
                         batch_size: int = 64, workers: int = 2, device: str = "auto",
-                        skip_bad: bool = False) -> Path:
+                        skip_bad: bool = False, cache_dir: str | Path | None = None) -> Path:
     """Evaluate a saved checkpoint on ``data/test`` with its stored temperature; write the report.
 
-    The report goes to ``out_dir`` (default: ``<checkpoint folder>/evaluation``).
+    The report goes to ``out_dir`` (default: ``<checkpoint folder>/evaluation``). ``cache_dir``: the on-disk
+    pixel cache training uses (``--cache-dir``), reused or built; the test split then stays on disk.
     """
     from mediscan.core.checkpoint import CheckpointError, load_checkpoint
     from mediscan.core.dataset import DatasetError, load_split, scan_dataset
@@ -141,29 +142,39 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, out_dir: st
     if splits.classes != loaded.classes:
         raise CheckpointError(f"{checkpoint} predicts {loaded.classes} but {data}/test has classes "
                               f"{splits.classes}; evaluate on a dataset with the same class folders")
-    test, bad = load_split(splits.test, loaded.preprocessing.input_size, workers=workers, skip_bad=skip_bad)
+    test, bad = load_split(splits.test, loaded.preprocessing.input_size, workers=workers, skip_bad=skip_bad,
+                           cache_dir=cache_dir or None)
     if len(test) == 0:
         raise DatasetError(f"{data}/test has no readable images")
-    logits, _ = predict_split(loaded.model, test.images, batch_size, torch_device)
+    logits, _ = predict_split(loaded.model, test.pixels, batch_size, torch_device)   # uint8, a batch at a time
     metrics = classification_metrics(logits, test.labels, loaded.classes, loaded.temperature)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     notes = [f"skipped unreadable: {b}" for b in bad]
     if splits.duplicates:
         notes.append(f"WARNING: {len(splits.duplicates)} identical file(s) appear in two splits (leakage)")
-    gallery = save_split_gallery(loaded.model, test, loaded.classes, out / "gradcam_gallery.png")
+    gallery = save_split_gallery(loaded.model, test, loaded.classes, out / "gradcam_gallery.png", logits)
     return write_report(out, classes=loaded.classes, metrics=metrics, meta=loaded.meta, checkpoint=Path(checkpoint),
                         gallery_png=gallery, dataset_notes=notes)
 
 
-def save_split_gallery(model, split, classes: list[str], path: Path) -> Path:
-    """Grad-CAM gallery of a decoded split (``TensorSplit``), drawn on the CPU from the cropped model inputs."""
-    from mediscan.evaluation.gallery import save_gradcam_gallery
+def save_split_gallery(model, split, classes: list[str], path: Path, logits) -> Path:
+    """Grad-CAM gallery of a decoded split (``TensorSplit``) whose ``logits`` ``(N, C)`` are already known,
+    drawn on the CPU from the cropped model inputs.
+
+    The tiles are chosen from the logits (:func:`~mediscan.evaluation.gallery.select_items`) and only their
+    rows are read and converted: the whole split as floats would be four times its uint8 pixels, per image
+    again as numpy arrays, which a million-image test split (or one in an on-disk cache) cannot afford."""
+    import torch
+
+    from mediscan.evaluation.gallery import GALLERY_ITEMS, save_gradcam_gallery, select_items
+    labels = split.labels.cpu()
+    chosen = select_items(labels.tolist(), torch.as_tensor(logits).argmax(dim=1).tolist(), GALLERY_ITEMS)
+    images = split.batch(torch.tensor(chosen, dtype=torch.long), "cpu")
+    samples = [(scale_to_unit_range(images[k, 0]).clamp(0, 1).numpy(), int(labels[row]), split.paths[row].name)
+               for k, row in enumerate(chosen)]
     device = next(model.parameters()).device
-    images, labels = split.images.cpu(), split.labels.cpu()
-    samples = [(scale_to_unit_range(images[i, 0]).clamp(0, 1).numpy(), int(labels[i]), split.paths[i].name)
-               for i in range(len(split))]
     try:
-        return save_gradcam_gallery(model.to("cpu").eval(), samples, classes, path, split.images.shape[-1])
+        return save_gradcam_gallery(model.to("cpu").eval(), samples, classes, path, images.shape[-1])
     finally:
         model.to(device)

@@ -67,7 +67,7 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
                                         energy=config.outlier_exposure)
     temperature = fit_temperature(val_logits, data["val"].labels)
     val_metrics = classification_metrics(val_logits, data["val"].labels, splits.classes, temperature)
-    test_metrics = None
+    test_metrics, test_logits = None, None
     if len(data["test"]):
         test_logits, _ = predict_split(model, data["test"].pixels, batch, device, amp=False)
         test_metrics = classification_metrics(test_logits, data["test"].labels, splits.classes, temperature)
@@ -80,8 +80,8 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
     _, curves = save_history(history, best_path.parent)
     if test_metrics is None:
         return None, None
-    report = _training_report(best_path, model, meta, data["test"], splits, config, test_metrics, val_metrics,
-                              curves)
+    report = _training_report(best_path, model, meta, data["test"], test_logits, splits, config, test_metrics,
+                              val_metrics, curves)
     roc_auc = test_metrics["macro_roc_auc"]
     log(f"test: accuracy {test_metrics['accuracy']:.3f}, macro F1 {test_metrics['macro_f1']:.3f}, "
         f"macro ROC-AUC {roc_auc if roc_auc is None else round(roc_auc, 3)}, "
@@ -91,13 +91,13 @@ def finalize(best_path: Path, data: dict[str, TensorSplit], splits: DatasetSplit
 
 
 def _training_report(best_path: Path, model: OrganClassifier, meta: dict, test: TensorSplit,
-                     splits: DatasetSplits, config: TrainConfig, test_metrics: dict, val_metrics: dict,
-                     curves: Path | None) -> Path:
+                     test_logits: torch.Tensor, splits: DatasetSplits, config: TrainConfig, test_metrics: dict,
+                     val_metrics: dict, curves: Path | None) -> Path:
     """report.md (+ figures, metrics.json, the Grad-CAM gallery unless --no-gallery) beside ``best_path``."""
     out = best_path.parent
     gallery = None
     if config.gallery:
-        gallery = save_split_gallery(model, test, splits.classes, out / "gradcam_gallery.png")
+        gallery = save_split_gallery(model, test, splits.classes, out / "gradcam_gallery.png", test_logits)
     return write_report(out, classes=splits.classes, metrics=test_metrics, meta=meta, checkpoint=best_path,
                         history_png=curves, gallery_png=gallery, val_metrics=val_metrics,
                         dataset_notes=describe_dataset(splits, config))
@@ -112,7 +112,7 @@ def _headline(metrics: dict | None) -> dict | None:
 
 def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | None = None, batch_size: int = 64,
               workers: int = 2, device: str = "auto", skip_bad: bool = False,
-              log: Callable[[str], None] = print) -> tuple[Path, OODDetector]:
+              cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[Path, OODDetector]:
     """Fit the out-of-scope detector of ``checkpoint`` on ``data``'s train (statistics) and val (threshold)
     images and write the checkpoint again, atomically: into folder ``out`` under the same file name, or
     over ``checkpoint`` itself (default). Its predictions do not change; an ONNX export of it goes stale.
@@ -120,6 +120,8 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     The split is the one training used: without a ``val/`` folder, the checkpoint's own ``val_fraction``
     and ``seed`` pick the same held-out images. Raises :class:`CheckpointError` for a checkpoint that
     cannot be loaded or whose classes differ from the dataset's, :class:`DatasetError` for bad data.
+    ``cache_dir``: the on-disk pixel cache training uses (``--cache-dir``); the split training cached is
+    reused, not decoded again, and the pixels stay on disk.
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -136,8 +138,8 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
         log(f"WARNING: {data} is not the dataset {checkpoint.name} was trained on (fingerprints differ); the "
             f"out-of-scope statistics will describe {data}")
     size = loaded.preprocessing.input_size
-    train = _readable_split(splits, "train", size, workers, skip_bad, data, log)
-    val = _readable_split(splits, "val", size, workers, skip_bad, data, log)
+    train = _readable_split(splits, "train", size, workers, skip_bad, data, log, cache_dir)
+    val = _readable_split(splits, "val", size, workers, skip_bad, data, log, cache_dir)
     detector, _ = fit_detector(loaded.model, train, val, batch_size, torch_device, n_classes=len(loaded.classes),
                                energy=bool(train_args.get("outlier_exposure")))
     meta = dict(loaded.meta, ood=detector.to_meta())
@@ -151,13 +153,17 @@ def refit_ood(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
 
 
 def _readable_split(splits: DatasetSplits, name: str, input_size: int, workers: int, skip_bad: bool,
-                    data: str | Path, log: Callable[[str], None]) -> TensorSplit:
-    """Split ``name`` decoded; a :class:`DatasetError` when none of its images can be read."""
-    split, bad = load_split(splits.split(name), input_size, workers=workers, skip_bad=skip_bad)
+                    data: str | Path, log: Callable[[str], None], cache_dir: str | Path | None) -> TensorSplit:
+    """Split ``name`` decoded (into or from ``cache_dir`` when set); a :class:`DatasetError` when none of its
+    images can be read."""
+    split, bad = load_split(splits.split(name), input_size, workers=workers, skip_bad=skip_bad,
+                            cache_dir=cache_dir or None)
     if len(split) == 0:
         raise DatasetError(f"the {name} split of {data} has no readable images")
     if bad:
         log(f"skipped {len(bad)} unreadable {name} file(s)")
+    if split.cache:
+        log(f"{name}: pixel cache {split.cache}")
     return split
 
 
