@@ -8,6 +8,11 @@ held that thread, and the node accepted no one else until the connection closed 
 connection open, a TLS C-ECHO with a certificate from ``--tls-ca`` timed out; without it, 0.1 s). Here the
 accept loop only accepts; each connection's own thread runs the handshake under ``HANDSHAKE_TIMEOUT_S`` and
 then hands the wrapped socket to pynetdicom as before.
+
+Handshakes in progress are bounded too, by the AE's ``maximum_associations`` (``--max-associations``):
+pynetdicom counts an association only once it exists, so without a bound a flood of connections that never
+speak would each hold a thread for the whole timeout, as many as the sender opens. A connection beyond the
+bound is closed at once; a PACS that retries gets in as soon as a slot frees (within the timeout).
 """
 from __future__ import annotations
 
@@ -33,6 +38,10 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
 
     handshake_timeout = HANDSHAKE_TIMEOUT_S
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._handshake_slots = threading.BoundedSemaphore(max(1, int(self.ae.maximum_associations)))
+
     def get_request(self) -> tuple[socket.socket, tuple]:
         """Accept only: the handshake waits for the connection's thread (:meth:`process_request_thread`)."""
         return self.socket.accept()
@@ -40,6 +49,11 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
     def process_request_thread(self, request, client_address) -> None:
         """Handshake (when serving TLS), then let pynetdicom run the association on the wrapped socket."""
         if self.ssl_context is not None:
+            if not self._handshake_slots.acquire(blocking=False):
+                log.warning("closed a connection from %s: %d TLS handshakes are already in progress "
+                            "(--max-associations)", client_address[0], self.ae.maximum_associations)
+                self.shutdown_request(request)
+                return
             previous = request.gettimeout()
             try:
                 request.settimeout(self.handshake_timeout)
@@ -49,6 +63,8 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
                 log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                 self.shutdown_request(request)
                 return
+            finally:
+                self._handshake_slots.release()
         super().process_request_thread(request, client_address)
 
 
