@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     # Checkpoints from before --oe-kinds trained on the five default kinds.
     kinds = trained_on.get("oe_kinds") or ",".join(DEFAULT_OUTLIER_KINDS)
     seen = set(parse_outlier_kinds(kinds)) if trained_on.get("outlier_exposure") else set()
+    if not (args.data / "val").is_dir():
+        print(f"no {args.data}/val folder: the max rule's threshold needs validation images")
+        return 1
     val = [read_image(f) for f in validation_files(args.data, None)]
     _, val_parts = score_parts(predictor, val)
     largest_threshold = _val_threshold(np.max(np.stack(list(val_parts.values())), axis=0))
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no images under {args.data}/test")
         return 1
     test = torch.stack([preprocess(read_image(f).pixels, predictor.input_size)[0] for f in files])
+    # Class folders, so that blends overlay two classes as in training.
+    labels = torch.tensor([sorted({f.parent.name for f in files}).index(f.parent.name) for f in files])
     print(f"checkpoint {predictor.checkpoint_path} | detector: {predictor.ood.combination} of "
           f"{', '.join(predictor.ood.part_names)}, threshold {predictor.ood.threshold:.3f} | "
           f"{len(val)} validation, {len(test)} test images")
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{percent(int((largest > largest_threshold).sum()), len(test)):>16s}")
     print(f"\n  {'synthetic kind':24s} {'shipped':>16s} {'max of parts':>16s}   (* = trained on)")
     for kind in OUTLIER_KINDS:
-        outliers = torch.cat([make_outliers(test, torch.Generator().manual_seed(seed), kinds=(kind,))[0]
+        outliers = torch.cat([make_outliers(test, torch.Generator().manual_seed(seed), kinds=(kind,), labels=labels)[0]
                               for seed in SEEDS])
         shipped, largest = tensor_scores(predictor, outliers)
         mark = "*" if kind in seen else " "

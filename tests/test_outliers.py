@@ -187,7 +187,6 @@ def test_outliers_can_be_drawn_from_a_subset_of_kinds_and_training_draws_the_def
     assert set(kinds.tolist()) == {OUTLIER_KINDS.index("mosaic"), OUTLIER_KINDS.index("texture")}
     assert parse_outlier_kinds(TrainConfig().oe_kinds) == DEFAULT_OUTLIER_KINDS == OUTLIER_KINDS[:5]
     _, default_kinds = _outliers(4, images)           # 64 draws: every allowed kind appears, no other
-    assert set(default_kinds.tolist()) == {0, 1, 2, 3, 4}
     assert set(default_kinds.tolist()) == set(range(5))                # neither blends nor dead leaves
 
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             from mediscan.evaluation.report import evaluate_checkpoint
             report = evaluate_checkpoint(args.evaluate, args.data, out_dir=args.out, batch_size=args.batch_size,
                                          workers=args.workers, device=args.device, skip_bad=args.skip_bad,
-                                  cache_dir=args.cache_dir)
+                                         cache_dir=args.cache_dir)
             print(f"report: {report}")
             return EXIT_OK
         from mediscan.training.config import TrainConfig

@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["COMBINATIONS", "REFERENCE_SIZE", "TIE_TOLERANCE", "combine", "p_values", "reference_sample"]
+__all__ = ["COMBINATIONS", "REFERENCE_SIZE", "combine", "p_values", "reference_sample"]
 
 #: How the parts become one score: the largest relative part, or Fisher's method on their p-values.
 COMBINATIONS = ("max", "fisher")
 #: At most this many held-out scores per part are kept as the reference of Fisher's p-values: p-values to
 #: 1/4096, and the checkpoint and the cost per image stay flat however large the validation set.
 REFERENCE_SIZE = 4096
-#: Scoring a new image, a reference value counts as "at least the score" down to this far below it (relative,
-#: at least 1e-3 in absolute terms; the parts are near 1). Why: each validation image is one of the reference
-#: values, and the threshold was placed with its part scores exactly on them (counted exactly, leaving itself
-#: out). Scored again later with features rounded a little differently (GPU TF32, another batch size, ONNX
-#: Runtime: about 5e-4 relative was seen on a GPU), a part a hair above its own value would lose that value
-#: from its count, and each part so raised adds up to ln((M + 1) / M) to the score: more than the threshold's
-#: halfway margin when two validation scores lie close. Within the tolerance every value it was counted with
-#: still counts, so it scores at most what it scored when the threshold was placed. The cost: p-values a
-#: little too large (conservative) for a score that close above a reference value.
-TIE_TOLERANCE = 1e-3
 
 
 def p_values(reference: torch.Tensor, parts: torch.Tensor, *, leave_one_out: bool = False) -> torch.Tensor:
     """``(P, B)`` float64 p-values of ``parts`` ``(P, B)`` among the sorted rows of ``reference`` ``(P, M)``:
-    ``(1 + #reference >= score) / (1 + M)``, a reference value within :data:`TIE_TOLERANCE` below the score
-    counting as at least it. ``leave_one_out``: each score is itself one of its row's reference values
-    (validation scoring itself, to place the threshold) and is left out of it: ``#reference >= score / M``,
-    counted exactly (the count includes the score itself, which takes the place of the 1)."""
+    ``(1 + #reference >= score) / (1 + M)``. ``leave_one_out``: each score is itself one of its row's
+    reference values (validation scoring itself) and is left out of it: ``#reference >= score / M`` (the
+    count includes the score itself, which takes the place of the 1)."""
     size = reference.shape[1]
-    parts = parts.to(torch.float64)
-    lowest = parts if leave_one_out else parts - TIE_TOLERANCE * parts.abs().clamp_min(1.0)
-    at_least = size - torch.searchsorted(reference, lowest.contiguous(), right=False)
+    at_least = size - torch.searchsorted(reference, parts.to(torch.float64).contiguous(), right=False)
     at_least = at_least.to(torch.float64)
     return at_least / size if leave_one_out else (1.0 + at_least) / (1.0 + size)
 

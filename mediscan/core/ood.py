@@ -58,10 +58,9 @@ outlier-exposure checkpoints it flagged more of the out-of-scope images on every
 test images in all (3.0 % against 4.9 %); on three without the energy part it flagged fewer
 (docs/benchmarks.md, "Combining the detector's parts"), so those keep the max. The reference holds at
 most :data:`~mediscan.core.combination.REFERENCE_SIZE` scores per part (evenly spaced order statistics of a larger validation set),
-so the checkpoint and the cost per image stay flat as the validation set grows. A new image's p-values count
-a reference value a rounding error below its score as a tie (:data:`~mediscan.core.combination.TIE_TOLERANCE`),
-so that a validation image scored again, with features rounded a little differently, scores no higher than
-when the threshold was placed. A limit: one part's
+so the checkpoint and the cost per image stay flat as the validation set grows. The threshold keeps a
+margin of at least ``P ln((M + 1) / M)`` above the kept validation score (``P`` parts, ``M`` reference
+scores; :func:`_fisher_margin` says why). A limit: one part's
 p-value is at least ``1 / (1 + M)``, so with a small validation set one extreme part alone cannot pass the
 threshold (186 images: ``-log p <= 5.2`` against a threshold near 8); the synthetic outliers the network
 trained on, which the energy alone flagged under the max, are flagged less often (docs/benchmarks.md).
@@ -343,6 +342,35 @@ def _threshold(scores: torch.Tensor, percentile: float) -> float:
     return kept if len(above) == 0 else (kept + float(above.min())) / 2.0
 
 
+def _placed_threshold(held: torch.Tensor, combination: str, reference: torch.Tensor | None, complete: bool,
+                      percentile: float) -> tuple[torch.Tensor, float]:
+    """``(combined held-out scores, threshold)`` from the held-out relative parts ``(P, N)``: halfway above
+    their ``percentile``-th percentile (:func:`_threshold`), and under Fisher with every held-out image in the
+    reference at least :func:`_fisher_margin` above it."""
+    # Rounded to float32 as :meth:`OODDetector.score` returns it: the threshold is placed among the
+    # scores the Predictor will compare with it.
+    combined = combine(held, combination, reference, leave_one_out=complete).float()
+    threshold = _threshold(combined, percentile)
+    if combination == "fisher" and complete:
+        threshold = max(threshold, _percentile(combined, percentile) + _fisher_margin(*reference.shape))
+    return combined, threshold
+
+
+def _fisher_margin(parts: int, size: int) -> float:
+    """How far above the kept validation score a Fisher threshold must lie: ``parts * ln((size + 1) / size)``,
+    plus float32 rounding of the score.
+
+    Why: each validation image is one of the ``size`` reference values, and its threshold-placing score left it
+    out (``p = #reference >= s / size``, the count including itself). Scored again later, as the Predictor
+    scores any image, each part comes out a hair above or below its own reference value when the features
+    are rounded a little differently (another batch size, GPU TF32, ONNX Runtime). A hair above, its own value
+    drops out of the count: ``p = (1 + #others >= s) / (1 + size)``, which is ``size / (size + 1)`` times the
+    left-out p-value, so the score rises by up to ``ln((size + 1) / size)`` per part. Halfway to the next
+    validation score can be less than that (two close scores); this margin keeps those images below the
+    threshold (a hair below only lowers the score); 1e-4 more covers the float32 rounding of the score."""
+    return parts * math.log1p(1.0 / size) + 1e-4
+
+
 def _cross_fit_distances(features, labels, n_classes, shrinkage, folds: int) -> torch.Tensor:
     """Honest in-distribution distances for every training row: each from statistics fitted without it.
 
@@ -460,10 +488,8 @@ def fit_ood(train_features: Features, train_labels: torch.Tensor, val_features: 
         held_relative.append(val_energy - energy_scale + 1.0)
     held = torch.stack(held_relative)
     reference, complete = reference_sample(held) if combination == "fisher" else (None, False)
-    # Rounded to float32 as :meth:`OODDetector.score` returns it: the threshold is placed among the
-    # scores the Predictor will compare with it.
-    combined = combine(held, combination, reference, leave_one_out=complete).float()
-    return OODDetector(layers=layers, threshold=_threshold(combined, percentile), percentile=percentile,
+    combined, threshold = _placed_threshold(held, combination, reference, complete, percentile)
+    return OODDetector(layers=layers, threshold=threshold, percentile=percentile,
                        n_train=n_train, n_val=0 if val is None else len(combined),
                        threshold_from="train-crossfit" if val is None else "validation", energy_scale=energy_scale,
                        combination=combination, reference=reference)

@@ -9,10 +9,11 @@ connection open, a TLS C-ECHO with a certificate from ``--tls-ca`` timed out; wi
 accept loop only accepts; each connection's own thread runs the handshake under ``HANDSHAKE_TIMEOUT_S`` and
 then hands the wrapped socket to pynetdicom as before.
 
-Handshakes in progress are bounded too, by the AE's ``maximum_associations`` (``--max-associations``):
-pynetdicom counts an association only once it exists, so without a bound a flood of connections that never
-speak would each hold a thread for the whole timeout, as many as the sender opens. A connection beyond the
-bound is closed at once; a PACS that retries gets in as soon as a slot frees (within the timeout).
+Handshakes in progress are bounded too: pynetdicom counts an association only once it exists, so without a
+bound a flood of connections that never speak would each hold a thread for the whole timeout, as many as the
+sender opens. One address may have at most the AE's ``maximum_associations`` (``--max-associations``)
+handshakes in progress, and all addresses together :data:`MAX_HANDSHAKES`; a connection beyond either is
+closed at once. Per address, so that one silent or misbehaving host cannot shut out the others.
 """
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ import threading
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-__all__ = ["HANDSHAKE_TIMEOUT_S", "HandshakeInThreadServer", "start_server"]
+__all__ = ["HANDSHAKE_TIMEOUT_S", "MAX_HANDSHAKES", "HandshakeInThreadServer", "start_server"]
 
 log = logging.getLogger("mediscan.dicom")
 
 #: Seconds a client has to complete the TLS handshake. It takes milliseconds on a hospital network; ten
 #: seconds leaves room for a slow link and still frees the thread of a client that never speaks.
 HANDSHAKE_TIMEOUT_S = 10.0
+#: TLS handshakes in progress from all addresses together: a bound on the threads silent connections can hold.
+MAX_HANDSHAKES = 64
 
 
 class HandshakeInThreadServer(ThreadedAssociationServer):
@@ -40,7 +43,24 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         super().server_activate()
-        self._handshake_slots = threading.BoundedSemaphore(max(1, int(self.ae.maximum_associations)))
+        self._handshakes: dict[str, int] = {}      # address -> handshakes in progress
+        self._handshakes_lock = threading.Lock()
+
+    def _take_handshake_slot(self, address: str) -> bool:
+        """Count one more handshake from ``address``, unless it or all addresses together are at their bound."""
+        with self._handshakes_lock:
+            mine = self._handshakes.get(address, 0)
+            per_address = max(1, int(self.ae.maximum_associations))
+            if mine >= per_address or sum(self._handshakes.values()) >= MAX_HANDSHAKES:
+                return False
+            self._handshakes[address] = mine + 1
+            return True
+
+    def _give_handshake_slot(self, address: str) -> None:
+        with self._handshakes_lock:
+            left = self._handshakes.pop(address) - 1
+            if left:
+                self._handshakes[address] = left
 
     def get_request(self) -> tuple[socket.socket, tuple]:
         """Accept only: the handshake waits for the connection's thread (:meth:`process_request_thread`)."""
@@ -49,9 +69,9 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
     def process_request_thread(self, request, client_address) -> None:
         """Handshake (when serving TLS), then let pynetdicom run the association on the wrapped socket."""
         if self.ssl_context is not None:
-            if not self._handshake_slots.acquire(blocking=False):
-                log.warning("closed a connection from %s: %d TLS handshakes are already in progress "
-                            "(--max-associations)", client_address[0], self.ae.maximum_associations)
+            if not self._take_handshake_slot(client_address[0]):
+                log.warning("closed a connection from %s at once: too many TLS handshakes in progress from it "
+                            "(--max-associations) or from all (%d)", client_address[0], MAX_HANDSHAKES)
                 self.shutdown_request(request)
                 return
             previous = request.gettimeout()
@@ -64,7 +84,7 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
             finally:
-                self._handshake_slots.release()
+                self._give_handshake_slot(client_address[0])
         super().process_request_thread(request, client_address)
 
 
