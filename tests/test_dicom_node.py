@@ -324,6 +324,20 @@ def _tls_client(certs, *, with_certificate: bool) -> ssl.SSLContext:
     return context
 
 
+def _echo_scu() -> AE:
+    """A Verification SCU that gives up after 5 s (a node that never answers fails the test, not hangs it)."""
+    ae = AE(ae_title="TLSSCU")
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def _tls_associate(ae: AE, port: int, certs, **kwargs):
+    """``ae`` associated over TLS with the node on ``port``, presenting the client certificate."""
+    return ae.associate("127.0.0.1", port, ae_title="MEDISCAN",
+                        tls_args=(_tls_client(certs, with_certificate=True), "127.0.0.1"), **kwargs)
+
+
 def test_a_silent_connection_holds_neither_the_tls_node_nor_its_own_thread(node, tmp_path, monkeypatch):
     """pynetdicom handshakes in its accept loop, without a time limit: one TCP connection that never sends a
     ClientHello stopped the node from accepting anyone (mediscan/dicom/tls_server.py)."""
@@ -333,11 +347,7 @@ def test_a_silent_connection_holds_neither_the_tls_node_nor_its_own_thread(node,
     silent = socket.create_connection(("127.0.0.1", n.port))
     try:
         time.sleep(0.3)                                  # accepted, and waiting for a handshake
-        ae = AE(ae_title="TLSSCU")
-        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", n.port, ae_title="MEDISCAN",
-                             tls_args=(_tls_client(certs, with_certificate=True), "127.0.0.1"))
+        assoc = _tls_associate(_echo_scu(), n.port, certs)
         assert assoc.is_established, "a silent connection kept the TLS node from accepting a client"
         try:
             assert assoc.send_c_echo().Status == 0
@@ -367,11 +377,8 @@ def test_silent_connections_beyond_max_associations_from_one_address_are_closed_
         for connection in silent[:2]:                         # the first two wait for their handshake
             with pytest.raises(socket.timeout):
                 connection.recv(1)
-        ae = AE(ae_title="TLSSCU")                            # another address, while the two are held
-        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", n.port, ae_title="MEDISCAN", bind_address=("127.0.0.2", 0),
-                             tls_args=(_tls_client(certs, with_certificate=True), "127.0.0.1"))
+        ae = _echo_scu()                                      # another address, while the two are held
+        assoc = _tls_associate(ae, n.port, certs, bind_address=("127.0.0.2", 0))
         assert assoc.is_established, "silent connections from one address shut out another"
         try:
             assert assoc.send_c_echo().Status == 0
@@ -381,8 +388,7 @@ def test_silent_connections_beyond_max_associations_from_one_address_are_closed_
         for connection in silent:
             connection.close()
     time.sleep(0.5)                          # closed by the client: their handshakes fail, the slots free
-    assoc = ae.associate("127.0.0.1", n.port, ae_title="MEDISCAN",
-                         tls_args=(_tls_client(certs, with_certificate=True), "127.0.0.1"))
+    assoc = _tls_associate(ae, n.port, certs)
     assert assoc.is_established, "slots of failed handshakes were not given back"
     assoc.release()
 
