@@ -573,6 +573,35 @@ def test_gallery_selection_and_titles():
     assert tile_title(3, 3, 0.5, ["bone", "brain", "heart", "lungs"])[1] != "red"
 
 
+def test_gallery_tiles_follow_the_logits_the_evaluation_counted(model, monkeypatch, tmp_path):
+    """An evaluation on a GPU (or in mixed precision) hands its logits to the gallery, which draws on the CPU.
+    A borderline item can come out the other way when recomputed there; the gallery must still choose, title
+    and explain each tile by the prediction the metrics counted. Here the given logits name, for every sample,
+    a class the model itself does not predict, and the samples' truth is that class: every tile is correct,
+    and its heatmap is Grad-CAM of that class (reference: grad_cam on the same input and class)."""
+    from mediscan.evaluation import gallery
+    from mediscan.core.preprocessing import preprocess
+    rng = np.random.default_rng(5)
+    pixels = [rng.random((48, 48)).astype(np.float32) for _ in range(6)]
+    inputs = torch.stack([preprocess(p, S)[0] for p in pixels])
+    with torch.no_grad():
+        own = model(inputs).argmax(dim=1)
+    given = (own + 1) % 4
+    logits = torch.nn.functional.one_hot(given, 4).float() * 3.0
+    samples = [(p, int(g), f"img{i}.png") for i, (p, g) in enumerate(zip(pixels, given))]
+    seen = {}
+    monkeypatch.setattr(gallery, "_draw", lambda tiles, tile_logits, cams, classes, path:
+                        seen.update(tiles=tiles, logits=tile_logits, cams=cams) or path)
+    gallery.save_gradcam_gallery(model, samples, ["a", "b", "c", "d"], tmp_path / "g.png", input_size=S,
+                                 logits=logits)
+    assert seen["logits"].argmax(dim=1).tolist() == given.tolist()
+    reference = grad_cam.grad_cam(model, inputs, classes=given).cams.numpy()
+    np.testing.assert_allclose(seen["cams"], reference, atol=1e-5)
+    with pytest.raises(ValueError, match="logits must be"):
+        gallery.save_gradcam_gallery(model, samples, ["a", "b", "c", "d"], tmp_path / "g.png", input_size=S,
+                                     logits=logits[:3])
+
+
 def test_gallery_writes_png_of_the_documented_size(model, tmp_path):
     from mediscan.evaluation import gallery
     rng = np.random.default_rng(13)

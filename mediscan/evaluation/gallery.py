@@ -52,7 +52,7 @@ def tile_title(true_index: int, predicted: int, probability: float, classes: Seq
 
 def save_gradcam_gallery(model: torch.nn.Module, samples: Sequence[tuple[np.ndarray, int, str]],
                          classes: Sequence[str], path: str | Path, input_size: int,
-                         max_items: int = GALLERY_ITEMS) -> Path:
+                         max_items: int = GALLERY_ITEMS, logits: torch.Tensor | None = None) -> Path:
     """Write a PNG grid of Grad-CAM overlays for ``samples`` and return its path.
 
     Args:
@@ -62,21 +62,29 @@ def save_gradcam_gallery(model: torch.nn.Module, samples: Sequence[tuple[np.ndar
         path: where to write the PNG (parent folders are created).
         input_size: the model's input side ``S`` (from the checkpoint's preprocessing).
         max_items: at most this many tiles; misclassified and correct items are both shown when available.
+        logits: ``(len(samples), C)`` logits the caller already has (an evaluation's, from the device it ran
+            on). Tiles are then chosen, titled and explained by them, so that the gallery shows what the
+            evaluation counted: a recompute here, on another device or precision, can flip a borderline item.
+            ``None``: computed here.
     """
     if not samples:
         raise ValueError("no samples to draw")
     inputs = torch.stack([preprocess(np.asarray(pixels, dtype=np.float32), input_size)[0]
                           for pixels, _, _ in samples])
     true_indices = [int(true) for _, true, _ in samples]
-    # Pass 1: predictions only, to choose which items to show.
-    device = next(model.parameters()).device
-    logits, _ = predict_split(model, inputs, _BATCH, device)
+    if logits is None:      # predictions only, to choose which items to show
+        logits, _ = predict_split(model, inputs, _BATCH, next(model.parameters()).device)
+    logits = torch.as_tensor(logits).detach().float().cpu()
+    if logits.shape != (len(samples), len(classes)):
+        raise ValueError(f"logits must be ({len(samples)}, {len(classes)}) for {len(samples)} samples "
+                         f"of {len(classes)} classes, got {tuple(logits.shape)}")
     chosen = select_items(true_indices, logits.argmax(dim=1).tolist(), max_items)
-    # Pass 2: prediction + heatmap of the predicted class for the chosen items (fast path, one forward).
-    results = [grad_cam.grad_cam(model, inputs[chosen[i:i + _BATCH]]) for i in range(0, len(chosen), _BATCH)]
+    predicted = logits[chosen].argmax(dim=1)
+    # Heatmaps of the class each tile is titled with (fast path: one forward per chunk).
+    cams = [grad_cam.grad_cam(model, inputs[chosen[i:i + _BATCH]], classes=predicted[i:i + _BATCH]).cams
+            for i in range(0, len(chosen), _BATCH)]
     tiles = [(inputs[index, 0].numpy(), samples[index][2], true_indices[index]) for index in chosen]
-    return _draw(tiles, torch.cat([r.logits for r in results]), torch.cat([r.cams for r in results]).numpy(),
-                 classes, Path(path))
+    return _draw(tiles, logits[chosen], torch.cat(cams).numpy(), classes, Path(path))
 
 
 def _draw(tiles: list[tuple[np.ndarray, str, int]], logits: torch.Tensor, cams: np.ndarray,

@@ -162,19 +162,23 @@ def save_split_gallery(model, split, classes: list[str], path: Path, logits) -> 
     """Grad-CAM gallery of a decoded split (``TensorSplit``) whose ``logits`` ``(N, C)`` are already known,
     drawn on the CPU from the cropped model inputs.
 
-    The tiles are chosen from the logits (:func:`~mediscan.evaluation.gallery.select_items`) and only their
+    The tiles are chosen, titled and explained by those logits (the evaluation's, on whatever device it ran), so
+    the gallery shows the predictions the metrics counted. They are chosen with
+    :func:`~mediscan.evaluation.gallery.select_items` and only their
     rows are read and converted: the whole split as floats would be four times its uint8 pixels, per image
     again as numpy arrays, which a million-image test split (or one in an on-disk cache) cannot afford."""
     import torch
 
     from mediscan.evaluation.gallery import GALLERY_ITEMS, save_gradcam_gallery, select_items
     labels = split.labels.cpu()
-    chosen = select_items(labels.tolist(), torch.as_tensor(logits).argmax(dim=1).tolist(), GALLERY_ITEMS)
+    logits = torch.as_tensor(logits).detach().float().cpu()
+    chosen = select_items(labels.tolist(), logits.argmax(dim=1).tolist(), GALLERY_ITEMS)
     images = split.batch(torch.tensor(chosen, dtype=torch.long), "cpu")
     samples = [(scale_to_unit_range(images[k, 0]).clamp(0, 1).numpy(), int(labels[row]), split.paths[row].name)
                for k, row in enumerate(chosen)]
     device = next(model.parameters()).device
     try:
-        return save_gradcam_gallery(model.to("cpu").eval(), samples, classes, path, images.shape[-1])
+        return save_gradcam_gallery(model.to("cpu").eval(), samples, classes, path, images.shape[-1],
+                                    logits=logits[chosen])
     finally:
         model.to(device)
