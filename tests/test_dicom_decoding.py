@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from mediscan.core.imaging import ImageReadError, read_image
-from mediscan.devtools.orthanc import skip_unless_installed, tools_missing
+from mediscan.devtools.orthanc import dcmtk, skip_unless_installed, tools_missing
 from mediscan.devtools.synthetic import FAKE_PATIENT, dicom_study
 
 
@@ -70,7 +70,7 @@ def test_dcmcjpeg_encoded_syntaxes_decode(tmp_path, flag, syntax, bits, toleranc
     expected = reference(ds)
     src, out = tmp_path / "in.dcm", tmp_path / "out.dcm"
     src.write_bytes(part10(ds))
-    run = subprocess.run(["dcmcjpeg", flag, str(src), str(out)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([dcmtk("dcmcjpeg"), flag, str(src), str(out)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == syntax
     img = read_image(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
 import ssl
 import subprocess
@@ -18,7 +19,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, ComputedRadiographyImageStorage, Verification
 
 from mediscan.devtools.browser import free_port
-from mediscan.devtools.orthanc import dciodvfy_errors, make_tls_certificates, skip_unless_installed, tools_missing
+from mediscan.devtools.orthanc import (
+    dciodvfy_errors,
+    dcmtk,
+    make_tls_certificates,
+    skip_unless_installed,
+    tools_missing,
+)
 from mediscan.devtools.synthetic import FAKE_PATIENT, dicom_study
 from mediscan.dicom.node import DicomNode, NodeConfig
 from mediscan.dicom.sender import CStoreDestination
@@ -107,9 +114,10 @@ def test_storescu_series_gives_valid_sc_and_sr_with_region_and_header_check(node
     for k, ds in enumerate(study):
         files.append(tmp_path / f"in{k}.dcm")
         files[-1].write_bytes(part10(ds))
-    echo = subprocess.run(["echoscu", "-aec", "MEDISCAN", "127.0.0.1", str(n.port)], capture_output=True, text=True)
+    echo = subprocess.run([dcmtk("echoscu"), "-aec", "MEDISCAN", "127.0.0.1", str(n.port)],
+                          capture_output=True, text=True)
     assert echo.returncode == 0, echo.stderr
-    run = subprocess.run(["storescu", "-aec", "MEDISCAN", "127.0.0.1", str(n.port), *map(str, files)],
+    run = subprocess.run([dcmtk("storescu"), "-aec", "MEDISCAN", "127.0.0.1", str(n.port), *map(str, files)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     wait_until(lambda: n.status()["results_delivered"] == 1)     # the association's end completes the series
@@ -132,6 +140,29 @@ def test_storescu_series_gives_valid_sc_and_sr_with_region_and_header_check(node
         assert ds.SeriesInstanceUID != study[0].SeriesInstanceUID and ds.SeriesInstanceUID.startswith("2.25.")
     assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
     assert "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription
+
+
+def test_dcmtk_tools_are_dcmtks_even_when_a_same_named_program_comes_first_on_path(tmp_path, monkeypatch):
+    """pynetdicom installs its own ``storescu`` and ``echoscu``, and they can come first on PATH: the tests
+    that use dcmtk as a second, independent DICOM client would then run the node's own library against it."""
+    from mediscan.devtools import orthanc
+    skip_unless_installed(tools_missing("storescu"))
+    impostor = tmp_path / "storescu"
+    impostor.write_text("#!/bin/sh\necho 'storescu: DICOM storage (C-STORE) SCU (pynetdicom)'\n")
+    impostor.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    orthanc.dcmtk.cache_clear()
+    try:
+        found = orthanc.dcmtk("storescu")
+        assert found is not None and found != str(impostor)
+        version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+        assert version.stdout.startswith("$dcmtk: storescu")
+        monkeypatch.setenv("PATH", str(tmp_path))                 # only the impostor
+        orthanc.dcmtk.cache_clear()
+        assert orthanc.dcmtk("storescu") is None
+        assert "another program" in orthanc.tools_missing("storescu")
+    finally:
+        orthanc.dcmtk.cache_clear()
 
 
 def test_malformed_instance_fails_with_comment_and_series_still_answers(node, tmp_path):
@@ -157,10 +188,32 @@ def test_over_size_and_full_queue_answer_out_of_resources(node):
     small = node(max_instance_mb=0.01)                            # 10 kB: a 128 x 128 x 16-bit image is 32 kB
     status, comment = send(small.port, study[:1])[0]
     assert status == 0xA700 and "limit" in comment
-    full = node(max_held_mb=0.05)                                 # room for one instance, not two
+    # What is held is the decoded image: 128 x 128 float32 = 64 kB, plus 16 kB counted for its header.
+    full = node(max_held_mb=0.1)                                  # room for one instance, not two
     answers = send(full.port, study)
     assert answers[0][0] == 0x0000
     assert answers[1][0] == 0xA700 and "queue is full" in answers[1][1]
+    # One that could never fit is a failure, not "out of resources": a sender retries those for ever.
+    tiny = node(max_held_mb=0.05)
+    status, comment = send(tiny.port, study[:1])[0]
+    assert status == 0xC000 and "--max-held-mb" in comment and len(comment) <= 64
+
+
+def test_each_instance_is_decoded_once_between_its_arrival_and_its_result(node, tmp_path, monkeypatch):
+    """The C-STORE handler decodes every instance to answer truthfully; the analysis must use that decoded
+    image, not decode the received bytes again (a compressed radiograph costs ~15 times the forward pass to
+    decode). Counted at the DICOM decoder itself."""
+    from mediscan.core import imaging
+    calls = []
+    real = imaging.decode_dicom
+    monkeypatch.setattr(imaging, "decode_dicom", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n = node()
+    study = dicom_study(1, 3)
+    assert [status for status, _ in send(n.port, study)] == [0, 0, 0]
+    wait_until(lambda: n.status()["results_delivered"] == 1)
+    sr = results(tmp_path / "out")["sr"][0][1]
+    assert float(sr_items(sr)["MS-ANALYSED"].MeasuredValueSequence[0].NumericValue) == 3
+    assert len(calls) == 3
 
 
 def test_non_image_objects_and_own_results_are_accepted_not_analysed(node, tmp_path):
@@ -274,11 +327,11 @@ def test_command_line_node_reports_undelivered_in_status_and_drains_on_sigterm(t
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
-        while subprocess.run(["echoscu", "-aec", "MEDISCAN", "127.0.0.1", str(port)],
+        while subprocess.run([dcmtk("echoscu"), "-aec", "MEDISCAN", "127.0.0.1", str(port)],
                              capture_output=True).returncode != 0:
             assert proc.poll() is None and time.monotonic() < deadline, "the node did not come up"
             time.sleep(0.3)
-        run = subprocess.run(["storescu", "-aec", "MEDISCAN", "127.0.0.1", str(port), *files[:2]],
+        run = subprocess.run([dcmtk("storescu"), "-aec", "MEDISCAN", "127.0.0.1", str(port), *files[:2]],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         wait_until(lambda: status_file.exists() and len(read_status(status_file)["undelivered"]) == 1, timeout=90)

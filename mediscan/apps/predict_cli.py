@@ -158,7 +158,7 @@ def write_dicom_out(predictor, args) -> list:
     from mediscan.core.dicom_pixels import read_dataset
     from mediscan.dicom.results import result_datasets
     from mediscan.dicom.sender import DeliveryError, FolderDestination
-    from mediscan.dicom.series import PendingSeries, analyse_series
+    from mediscan.dicom.series import PendingSeries, analyse_series, decode_instance
     from mediscan.dicom.uids import checkpoint_sha256
 
     data = args.input.read_bytes()
@@ -168,7 +168,8 @@ def write_dicom_out(predictor, args) -> list:
         raise DicomOutError(f"{args.input} has no SeriesInstanceUID, which the result's UIDs are derived from "
                             f"(and a PACS files it under). Give a file exported from an archive, not a bare image.")
     series = PendingSeries(series_uid, max_slices=1)
-    series.add(data, header, None)
+    series.add(decode_instance(data, name=str(args.input), max_pixels=predictor.max_pixels,
+                               modalities=predictor.modalities), header, None)
     result = analyse_series(predictor, series, max_slices=1, mapping=args.header_mapping)
     datasets = result_datasets(result, checkpoint_sha256=checkpoint_sha256(predictor.checkpoint_path),
                                version=__version__)

@@ -6,6 +6,7 @@ certificates. Development helper, not part of the product.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -113,11 +114,40 @@ def orthanc_server(tmp: Path, *, modalities: dict | None = None, timeout: float 
 
 
 
+#: dcmtk's tools the tests and benchmarks run. pynetdicom installs Python apps of the same names (storescu,
+#: echoscu ...) that can come first on PATH: a test meant to use a second, independent DICOM implementation
+#: would then talk to the node through the node's own library. So they are found by what they are.
+DCMTK_TOOLS = ("storescu", "echoscu", "dcmcjpeg")
+
+
+@functools.lru_cache(maxsize=None)
+def dcmtk(name: str) -> str | None:
+    """Absolute path of dcmtk's program ``name`` (the first on PATH that says it is dcmtk's), else ``None``."""
+    for folder in os.get_exec_path():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK) and _is_dcmtk(path):
+            return path
+    return None
+
+
+def _is_dcmtk(path: str) -> bool:
+    try:
+        run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "$dcmtk:" in run.stdout + run.stderr
+
+
 def tools_missing(*names: str) -> str | None:
-    """Why one of the command-line tools ``names`` (dcmtk's storescu, dicom3tools' dciodvfy ...) is missing."""
+    """Why one of the command-line tools ``names`` (dcmtk's storescu, dicom3tools' dciodvfy ...) is missing.
+    dcmtk's tools are looked up with :func:`dcmtk`: a same-named program of another package does not count."""
     packages = {"storescu": "dcmtk", "echoscu": "dcmtk", "dcmcjpeg": "dcmtk", "dciodvfy": "dicom3tools"}
     for name in names:
-        if shutil.which(name) is None:
+        if name in DCMTK_TOOLS and dcmtk(name) is None:
+            other = shutil.which(name)
+            return (f"dcmtk's {name} is not installed (apt-get install dcmtk)"
+                    + (f"; {other} is another program of that name" if other else ""))
+        if name not in DCMTK_TOOLS and shutil.which(name) is None:
             return f"{name} is not installed (apt-get install {packages.get(name, name)})"
     return None
 

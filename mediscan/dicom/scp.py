@@ -1,8 +1,9 @@
 """The Storage SCP: receive instances fast, check them, and group them by series for the analysis thread.
 
-pynetdicom runs each C-STORE handler on its association's thread, so the handler only checks and files the
-instance (pitfall 13 of the design notes); the model runs elsewhere (:mod:`mediscan.dicom.node`). Memory is
-bounded: an instance over ``max_instance_bytes``, or one that would take the held total over
+pynetdicom runs each C-STORE handler on its association's thread, so the handler only decodes and files the
+instance (pitfall 13 of the design notes); the model runs elsewhere (:mod:`mediscan.dicom.node`), on the
+decoded image the handler kept, so no instance is decoded twice. Memory is bounded: an instance over
+``max_instance_bytes`` (encoded), or one whose decoded image would take the held total over
 ``max_held_bytes``, is answered 0xA700 "out of resources" (the sender retries later), never queued.
 
 Answers (Error Comment says why, in at most 64 characters):
@@ -10,7 +11,8 @@ Answers (Error Comment says why, in at most 64 characters):
 * 0x0000 -- stored for analysis; also for non-image objects of a routed study (SR, presentation states,
   KOS, SEG, RT ...) and MediScan's own results, which are accepted and not analysed, with a log line;
 * 0xA700 -- over the size limit, or the work queue is full;
-* 0xC000 -- an image that cannot be used: no pixel data, truncated, undecodable, no SeriesInstanceUID. An image
+* 0xC000 -- an image that cannot be used: no pixel data, truncated, undecodable, no SeriesInstanceUID, or so
+  large decoded that it could never fit in ``max_held_bytes`` (retrying would not help). An image
   whose header the modality gate stops (an ultrasound cine in MPEG-4, a mammogram without pixel data) is stored
   for analysis instead: its series is answered out of scope from the header, as the decodable ones are.
 
@@ -29,9 +31,10 @@ from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from mediscan.core.imaging import ImageReadError, read_image
-from mediscan.core.modality_gate import DEFAULT_MODALITIES, gate_unreadable
-from mediscan.dicom.series import PendingSeries
+from mediscan.core.decoded import DecodedImage
+from mediscan.core.imaging import ImageReadError
+from mediscan.core.modality_gate import DEFAULT_MODALITIES
+from mediscan.dicom.series import INSTANCE_OVERHEAD_BYTES, PendingSeries, decode_instance
 from mediscan.dicom.uids import is_own_instance, log_id
 
 __all__ = ["OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "SeriesCollector", "build_ae", "is_image_storage",
@@ -57,13 +60,13 @@ class SeriesCollector:
         self._lock = threading.Lock()
         self.held_bytes = 0
 
-    def add(self, series_uid: str, data: bytes, header, association: int) -> bool:
-        """File an instance; ``False`` (and nothing filed) when it would exceed the memory bound."""
+    def add(self, series_uid: str, image: DecodedImage, header, association: int) -> bool:
+        """File a decoded instance; ``False`` (and nothing filed) when it would exceed the memory bound."""
         with self._lock:
-            if self.held_bytes + len(data) > self.max_held_bytes:
+            if self.held_bytes + image.pixels.nbytes + INSTANCE_OVERHEAD_BYTES > self.max_held_bytes:
                 return False
             series = self._series.setdefault(series_uid, PendingSeries(series_uid, self.max_slices))
-            self.held_bytes += series.add(data, header, association)
+            self.held_bytes += series.add(image, header, association)
             return True
 
     def count_failure(self, series_uid: str) -> None:
@@ -100,19 +103,15 @@ def _status(code: int, comment: str = ""):
     return answer
 
 
-def _check_image(data: bytes, max_pixels: int, modalities: tuple[str, ...]) -> str | None:
-    """``None`` when the instance decodes -- or when its pixels cannot be used but its header puts it outside
-    ``modalities`` (an ultrasound cine in MPEG-4 ...), which the analysis answers out of scope from the header
-    alone -- else a short reason for the Error Comment."""
+def _decode_instance(data: bytes, max_pixels: int, modalities: tuple[str, ...]) -> DecodedImage | str:
+    """The decoded instance (:func:`~mediscan.dicom.series.decode_instance`), else a short reason for the
+    Error Comment."""
     try:
-        read_image(data, name="instance", max_pixels=max_pixels)
+        return decode_instance(data, name="received instance", max_pixels=max_pixels, modalities=modalities)
     except ImageReadError as exc:
-        if gate_unreadable(exc, modalities) is not None:
-            return None
         return {"no_pixel_data": "no pixel data", "truncated": "truncated pixel data",
                 "unsupported": "unsupported encoding", "too_large": "image too large",
                 "too_small": "image too small"}.get(exc.reason, "undecodable pixel data")
-    return None
 
 
 def store_handler(event, collector: SeriesCollector, *, max_instance_bytes: int, max_pixels: int, stats: dict,
@@ -135,14 +134,22 @@ def store_handler(event, collector: SeriesCollector, *, max_instance_bytes: int,
                  "MediScan's own result" if is_own_instance(header) else "not an image")
         return 0x0000
     series_uid = str(header.get("SeriesInstanceUID", "") or "")
-    problem = "no SeriesInstanceUID" if not series_uid else _check_image(data, max_pixels, modalities)
-    if problem:
+    image = "no SeriesInstanceUID" if not series_uid else _decode_instance(data, max_pixels, modalities)
+    del data                # the decoded image is what is kept; the encoded bytes can go now
+    if isinstance(image, str):
         stats["refused"] += 1
         if series_uid:
             collector.count_failure(series_uid)
-        log.warning("refused an instance of series %s: %s", log_id(series_uid), problem)
-        return _status(CANNOT_UNDERSTAND, f"MediScan cannot use this image: {problem}")
-    if not collector.add(series_uid, data, header, id(event.assoc)):
+        log.warning("refused an instance of series %s: %s", log_id(series_uid), image)
+        return _status(CANNOT_UNDERSTAND, f"MediScan cannot use this image: {image}")
+    if image.pixels.nbytes + INSTANCE_OVERHEAD_BYTES > collector.max_held_bytes:
+        # It would never fit: "out of resources" would have the sender retry it for ever.
+        stats["refused"] += 1
+        collector.count_failure(series_uid)
+        log.warning("refused an instance of series %s: %d MB decoded, more than --max-held-mb",
+                    log_id(series_uid), image.pixels.nbytes >> 20)
+        return _status(CANNOT_UNDERSTAND, "decoded image larger than the node's --max-held-mb")
+    if not collector.add(series_uid, image, header, id(event.assoc)):
         stats["refused"] += 1
         return _status(OUT_OF_RESOURCES, "MediScan's work queue is full; retry later")
     stats["received"] += 1
