@@ -525,3 +525,110 @@ def test_real_server_over_http(checkpoint):
         output = process.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}" in output and NOT_FOR_CLINICAL_USE in output
     assert "over-http.png" not in output                                 # file names are not logged
+
+
+# ----------------------------------------------------------------------------------------------- form limits, parsing
+
+def test_too_many_file_parts_name_the_file_limit(client):
+    """1,001 tiny file parts trip Werkzeug's 1,000-part form limit too; the answer must be the file limit."""
+    parts = {"files": [(io.BytesIO(b"\x89PNG"), f"{k}.png") for k in range(1001)]}
+    error = error_of(client.post("/v1/predict/batch", data=parts), 413, "too_many_files")
+    assert error["limit"] == 16 and "16" in error["message"]
+    error = error_of(client.post("/v1/predict", data={"file": [(io.BytesIO(b"x"), f"{k}.png") for k in range(20)]}),
+                     400, "too_many_files")
+    assert "/v1/predict/batch" in error["message"]
+
+
+@pytest.mark.parametrize("form", [{"note": "x" * 600_000}, {f"field{k}": "v" for k in range(1001)}],
+                         ids=["600-kB-text-field", "1001-text-fields"])
+def test_form_limits_are_not_called_the_body_limit(client, form):
+    """A body well under the 20 MB limit that breaks Flask's form limits (500 kB per text field, 1,000
+    parts) is told so, not that it exceeded the body limit."""
+    error = error_of(client.post("/v1/predict", data={"file": (io.BytesIO(png_bytes()), "a.png"), **form}),
+                     413, "payload_too_large")
+    assert "20 MB" not in error["message"] and "text field" in error["message"]
+    assert "500,000" in error["message"] and "1,000" in error["message"]
+
+
+def test_two_files_in_other_fields_are_too_many_not_none(client):
+    data = {"a": (io.BytesIO(png_bytes()), "a.png"), "b": (io.BytesIO(png_bytes()), "b.png")}
+    error_of(client.post("/v1/predict", data=data), 400, "too_many_files")
+    assert client.post("/v1/predict", data={"a": (io.BytesIO(png_bytes()), "a.png")}).status_code == 200
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"garbage", "multipart/form-data; boundary=xyz"),
+    (b"garbage", "multipart/form-data"),                          # no boundary at all
+])
+def test_an_unparseable_multipart_body_is_bad_request(client, body, content_type):
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        error = error_of(client.post(path, data=body, content_type=content_type), 400, "bad_request")
+        assert "could not be parsed" in error["message"]
+
+
+# ----------------------------------------------------------------------------------------------- memory per request
+
+def test_a_batch_keeps_at_most_one_full_size_image_alive(predictor, monkeypatch):
+    """The prediction-only path drops each decoded image's pixels once its model input is made: when the
+    next file is decoded, no earlier full-size image may still be alive (eight 64-megapixel images would be
+    8 x 256 MB). The answers stay exactly those of one image at a time."""
+    import weakref
+
+    import mediscan.inference.predictor as predictor_module
+    real_read, alive, most = predictor_module.read_image, [], []
+
+    def tracked_read(*args, **kwargs):
+        most.append(sum(ref() is not None for ref in alive))      # earlier images still alive now
+        decoded = real_read(*args, **kwargs)
+        alive.append(weakref.ref(decoded.pixels))
+        return decoded
+    monkeypatch.setattr(predictor_module, "read_image", tracked_read)
+    images = [encode(gray(label=k % 4, seed=k)) for k in range(8)]
+    r = create_app({"PREDICTOR": predictor, "BATCH_WINDOW_MS": 0}).test_client().post(
+        "/v1/predict/batch", data={"files": [(io.BytesIO(data), f"{k}.png") for k, data in enumerate(images)]})
+    assert r.status_code == 200, r.get_json()
+    assert most == [0] * 8
+    monkeypatch.setattr(predictor_module, "read_image", real_read)
+    expected = [without_timings(predictor.predict(data, name=f"{k}.png").to_dict()) for k, data in enumerate(images)]
+    assert [without_timings(item["prediction"]) for item in r.get_json()["results"]] == expected
+
+
+# ----------------------------------------------------------------------------------------------- startup errors
+
+@pytest.mark.parametrize("key", ["clé", "two words", "tab\there", "ключ"])
+def test_an_api_key_that_http_cannot_carry_is_refused_at_startup(key, monkeypatch, capsys):
+    from mediscan.apps import serve
+    monkeypatch.setenv("MEDISCAN_API_KEY", key)
+    assert serve.main(["--checkpoint", "none.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MEDISCAN_API_KEY") and "ASCII" in err and "Traceback" not in err
+    assert key not in err                                        # the secret itself is not echoed
+    with pytest.raises(ValueError, match="ASCII"):
+        create_app({"API_KEY": key, "CHECKPOINT": "none.safetensors"})
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+    (["--max-content-mb", "inf"], "--max-content-mb must be positive"),
+    (["--max-content-mb", "nan"], "--max-content-mb must be positive"),
+    (["--batch-window-ms", "inf"], "--batch-window-ms"),
+])
+def test_bad_startup_options_are_one_line_errors(checkpoint, options, expected):
+    """In a real process: a one-line ``error:`` on stderr and exit 2, never a traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDISCAN_MODEL": str(checkpoint)}   # a model to load
+    env.pop("MEDISCAN_API_KEY", None)
+    done = subprocess.run([sys.executable, "app.py", "flask", "--port", str(free_port()), *options], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: {expected}") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(monkeypatch, capsys):
+    import torch
+
+    from mediscan.apps import serve
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(serve, "make_server", lambda *a, **k: pytest.fail("the server started on a missing GPU"))
+    assert serve.main(["--device", "cuda", "--checkpoint", "none.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: CUDA is not available") and "--device cpu" in err

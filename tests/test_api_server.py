@@ -289,3 +289,47 @@ def test_the_connection_limit_holds_and_the_head_timeout_frees_it(checkpoint):
             for sock in silent:
                 sock.close()
     assert 2.0 < waited < 10, waited
+
+
+# ----------------------------------------------------------------------------------------------- answers in memory
+
+def noise_jpeg(side: int = 3000, quality: int = 3) -> bytes:
+    """A small upload whose overlay is huge: JPEG keeps noise cheaply, a PNG overlay of it cannot."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (side, side), dtype=np.uint8)).save(
+        buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_a_large_overlay_answer_never_goes_to_disk(checkpoint, monkeypatch):
+    """An explain answer many times the size of its upload (the base64 PNG overlay of a 9-megapixel image)
+    is sent from memory: waitress would otherwise move an answer buffer over its overflow to a temp file."""
+    from mediscan.apps.api import create_app
+    from mediscan.apps.server import Guard, make_server
+    written = []
+
+    def no_disk(*args, **kwargs):
+        written.append(args)
+        raise AssertionError("an answer was written to a temporary file")
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "SpooledTemporaryFile"):
+        monkeypatch.setattr(tempfile, name, no_disk)
+    data = noise_jpeg()
+    limit = len(data) + 64 * 1024                      # the upload just fits
+    app = create_app({"PREDICTOR": Predictor(checkpoint, "cpu"), "API_KEY": None, "MAX_CONTENT_LENGTH": limit})
+    port = free_port()
+    server = make_server(app, Guard(max_body=limit), threads=1, port=port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/predict?explain=true", body=data, headers={"Content-Type": "image/jpeg"})
+        response = conn.getresponse()
+        raw = response.read()
+        conn.close()
+    finally:
+        server.close()
+        thread.join(10)
+    assert not written
+    assert response.status == 200, raw[:300]
+    assert len(raw) > 8 * (limit + 2**20)              # bigger than any bound tied to the body limit
+    assert json.loads(raw)["explanation"]["image_size"] == {"height": 3000, "width": 3000}

@@ -58,7 +58,8 @@ from mediscan.core.checkpoint import CheckpointError
 from mediscan.core.imaging import ImageReadError
 from mediscan.inference.predictor import TRAIN_COMMAND, ModelNotFoundError, Predictor, UnknownClassError
 
-__all__ = ["DEFAULTS", "ENV_API_KEY", "RAW_IMAGE_TYPES", "ApiError", "create_app", "key_matches", "openapi_spec"]
+__all__ = ["DEFAULTS", "ENV_API_KEY", "RAW_IMAGE_TYPES", "ApiError", "api_key_problem", "create_app", "key_matches",
+           "openapi_spec"]
 
 log = logging.getLogger("mediscan.api")
 
@@ -142,6 +143,9 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(DEFAULTS)
     app.config["API_KEY"] = os.environ.get(ENV_API_KEY) or None
     app.config.update(config or {})
+    problem = api_key_problem(app.config["API_KEY"])
+    if problem:                              # a key that can never match would lock every client out
+        raise ValueError(problem)
     app.json.sort_keys = False               # keep answers in the documented, readable order
     app.extensions["mediscan"] = _load_service(app.config)
     app.register_blueprint(bp)
@@ -149,6 +153,18 @@ def create_app(config: dict | None = None) -> Flask:
     app.after_request(_finish_request)
     register_error_handlers(app)
     return app
+
+
+def api_key_problem(key: str | None) -> str | None:
+    """Why ``key`` cannot be an API key, or ``None``. Keys must be visible ASCII (``!`` to ``~``): HTTP
+    carries header values as bytes that servers decode as latin-1, so a non-ASCII key (``clé``) reaches the
+    app differently from how it was configured and could never match, and surrounding or inner blanks are
+    trimmed or mangled by clients and proxies."""
+    if key and not all("!" <= c <= "~" for c in key):
+        return (f"{ENV_API_KEY} must be printable ASCII with no spaces or accents (characters ! to ~): HTTP "
+                f"headers carry only those reliably. Choose another key, e.g. the output of "
+                f"python -c 'import secrets; print(secrets.token_urlsafe(32))'.")
+    return None
 
 
 def key_matches(sent: str | None, key: str) -> bool:

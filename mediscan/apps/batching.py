@@ -92,7 +92,8 @@ class Batcher:
         item = self.predictor.prepare(data, name)
         if item.stop is not None:            # out of scope by its header: nothing to batch
             return self.predictor.run_prepared([item])[0], 0
-        job = _Job(item, time.perf_counter())
+        # Queued jobs keep only the model input: a crowd of large uploads must not hold their full-size pixels.
+        job = _Job(item.without_pixels(), time.perf_counter())
         self._submit(job)
         job.done.wait()
         if job.error is not None:

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
+import os
 import sys
 
 from mediscan import NOT_FOR_CLINICAL_USE, __version__
-from mediscan.apps.api import DEFAULTS, create_app
+from mediscan.apps.api import DEFAULTS, ENV_API_KEY, api_key_problem, create_app
 from mediscan.apps.server import Guard, make_server
+from mediscan.core.runtime import select_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,11 +127,24 @@ def _invalid(args: argparse.Namespace) -> str | None:
                 "--header-timeout": args.header_timeout, "--body-timeout": args.body_timeout,
                 "--idle-timeout": args.idle_timeout, "--max-pixels": args.max_pixels,
                 "--max-batch": args.max_batch, "--batch-workers": args.batch_workers}
-    bad = [name for name, value in positive.items() if value is not None and not value > 0]
+    bad = [name for name, value in positive.items() if value is not None and not 0 < value < math.inf]
     if bad:
-        return f"{', '.join(bad)} must be positive"
-    if args.batch_window_ms < 0:
+        return f"{', '.join(bad)} must be positive (and finite)"
+    if not 0 <= args.batch_window_ms < math.inf:
         return "--batch-window-ms must be 0 (off) or positive"
+    return _device_problem(args.device) or api_key_problem(os.environ.get(ENV_API_KEY) or None)
+
+
+def _device_problem(name: str | None) -> str | None:
+    """Why ``--device name`` cannot be used (not a torch device, or CUDA on a machine without it), or ``None``."""
+    if name is None:
+        return None
+    try:
+        select_device(name, mps=False)      # the Predictor's own chooser: it refuses exactly what it would
+    except ValueError as exc:
+        return str(exc)
+    except RuntimeError:                    # torch's own parse error is a page of device names
+        return f"--device {name!r} is not a torch device (use cpu, cuda or cuda:N)"
     return None
 
 

@@ -44,6 +44,9 @@ from mediscan.apps.errors import error_document, too_large_message, unauthorized
 
 __all__ = ["Guard", "make_server"]
 
+#: waitress' ``outbuf_overflow``: an answer buffer above this size moves to a temporary file. No answer is
+#: this large (a buffer holds at most one answer plus the 16 MB high-water mark), so none ever goes to disk.
+NEVER_SPILL = 2**62
 #: How long a refused client may keep sending (discarded) before the connection is closed.
 LINGER_S = 2.0
 _OPEN_PATHS = {("GET", "/health"), ("HEAD", "/health")}
@@ -289,16 +292,18 @@ def waitress_settings(guard: Guard, threads: int, host: str, port: int, ident: s
     """The waitress adjustments behind :class:`Guard`.
 
     Bodies live in :class:`MemoryBody`, never in waitress' own buffers; ``inbuf_overflow`` stays above the
-    limit anyway so nothing can ever spill to a temporary file, and ``outbuf_overflow`` sits above any
-    answer (base64 overlays of big images are larger than the upload). waitress counts its own listening
-    socket and wake-up pipe against ``connection_limit``: two are added so that ``guard.connection_limit``
-    clients fit. poll() instead of select(): select() cannot watch more than 1,024 sockets.
+    limit anyway so nothing can ever spill to a temporary file. Answers never spill either
+    (``outbuf_overflow`` is :data:`NEVER_SPILL`): the app has built the whole answer in memory already, so a
+    temporary file would save nothing and would write the patient's image (a base64 overlay) to disk.
+    waitress counts its own listening socket and wake-up pipe against ``connection_limit``: two are added so
+    that ``guard.connection_limit`` clients fit. poll() instead of select(): select() cannot watch more than
+    1,024 sockets.
     """
     return {
         "host": host, "port": port, "threads": threads, "ident": ident,
         "max_request_body_size": guard.max_body + 1,      # waitress refuses at >= this
         "inbuf_overflow": guard.max_body + 1024 * 1024,
-        "outbuf_overflow": 8 * (guard.max_body + 1024 * 1024),
+        "outbuf_overflow": NEVER_SPILL,
         "connection_limit": guard.connection_limit + 2,
         "channel_timeout": guard.idle_timeout,
         "cleanup_interval": 1,

@@ -10,6 +10,7 @@ import io
 import math
 
 from flask import Request, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from mediscan.apps.errors import ApiError
 
@@ -28,14 +29,36 @@ _BATCH_UPLOADS = "multipart/form-data with the images in repeated 'files' fields
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
+class TooManyFileParts(Exception):
+    """Raised while parsing a multipart body, as soon as it holds more file parts than the server takes."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"more than {limit} file parts")
+        self.limit = limit
+
+
 class InMemoryRequest(Request):
-    """A request whose multipart file parts always live in memory.
+    """A request whose multipart file parts always live in memory, and whose body is parsed strictly.
 
     Werkzeug's default spools file parts over 500 kB to a temporary file on disk; medical images must
-    never touch the disk, so every part goes to a ``BytesIO``.
+    never touch the disk, so every part goes to a ``BytesIO``. Werkzeug's parser also swallows a body it
+    cannot parse (it looks like a form without files); ours raises, so that the client hears why. File
+    parts are counted as they arrive and parsing stops past ``MAX_BATCH_FILES`` (:class:`TooManyFileParts`),
+    so that the answer names the file limit rather than Werkzeug's general form limits.
     """
 
+    _file_parts = 0
+
+    def make_form_data_parser(self):
+        parser = super().make_form_data_parser()
+        parser.silent = False                # ValueError for an unparseable body, not an empty form
+        return parser
+
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        self._file_parts += 1
+        limit = int(current_app.config["MAX_BATCH_FILES"])
+        if self._file_parts > limit:
+            raise TooManyFileParts(limit)
         return io.BytesIO()
 
 
@@ -71,13 +94,43 @@ def number(name: str, default, low, high, kind=float):
 
 # ----------------------------------------------------------------------------------------------- bodies
 
-def _multipart_files(fields) -> list:
+def _multipart_files(fields, batch: bool = False) -> list:
     """Uploaded files under ``fields`` (in order), skipping the empty part a form sends when no file was chosen."""
+    if not _has_body():
+        raise _no_file(batch)
     try:
         files = request.files
     except ValueError as exc:               # a body that claims to be multipart but is not parseable
-        raise ApiError(400, "bad_request", f"The multipart body could not be parsed ({exc}).") from None
+        raise ApiError(400, "bad_request", f"The multipart body could not be parsed ({exc}). Send "
+                                           f"{_BATCH_UPLOADS if batch else _SUPPORTED_UPLOADS}.") from None
+    except TooManyFileParts as exc:
+        raise _too_many_files(batch, exc.limit) from None
+    except RequestEntityTooLarge:
+        if not _within_body_limit():        # the body limit itself: the generic 413 says so
+            raise
+        raise ApiError(413, "payload_too_large", _form_limits_message()) from None  # Werkzeug's form limits
     return [f for name in fields for f in files.getlist(name) if f.filename or _part_size(f)]
+
+
+def _too_many_files(batch: bool, limit: int = 1, sent: int | None = None) -> ApiError:
+    """400 (one-image endpoint) or 413 with ``limit`` (batch endpoint); ``sent=None``: parsing stopped early."""
+    if not batch:
+        return ApiError(400, "too_many_files", "This endpoint takes one image (field 'file'); "
+                                               "use /v1/predict/batch for several.")
+    count = f"More than {limit}" if sent is None else f"{sent}"
+    return ApiError(413, "too_many_files", f"{count} files sent; this server takes at most {limit} per request. "
+                                           f"Split them over several requests.", limit=limit)
+
+
+def _within_body_limit() -> bool:
+    limit, length = current_app.config.get("MAX_CONTENT_LENGTH"), request.content_length
+    return length is not None and (not limit or length <= limit)
+
+
+def _form_limits_message() -> str:
+    fields, parts = current_app.config["MAX_FORM_MEMORY_SIZE"], current_app.config["MAX_FORM_PARTS"]
+    return (f"The form has a text field over {fields:,} bytes or more than {parts:,} parts. Send each image as "
+            f"a file part (with a file name) and leave out other form fields.")
 
 
 def _part_size(storage) -> int:
@@ -99,12 +152,11 @@ def single_upload() -> tuple[bytes, str]:
     if mimetype == "multipart/form-data":
         files = _multipart_files(("file",))
         if not files:                        # tolerate another field name when it is the only file
-            others = _multipart_files(list(request.files.keys()))
-            files = others if len(others) == 1 else []
+            files = _multipart_files(list(request.files.keys()))
         if not files:
             raise _no_file()
         if len(files) > 1:
-            raise ApiError(400, "too_many_files", "This endpoint takes one image; use /v1/predict/batch for several.")
+            raise _too_many_files(batch=False)
         return _read_part(files[0])
     if mimetype in RAW_IMAGE_TYPES:
         data = request.get_data(cache=False)
@@ -135,11 +187,10 @@ def batch_uploads() -> list[tuple[bytes, str]]:
     """The files of a batch request (fields ``files`` and ``file``), at most ``MAX_BATCH_FILES``."""
     if request.mimetype != "multipart/form-data":
         raise _not_an_upload(batch=True)
-    files = _multipart_files(("files", "file"))
+    files = _multipart_files(("files", "file"), batch=True)
     if not files:
         raise _no_file(batch=True)
     limit = int(current_app.config["MAX_BATCH_FILES"])
     if len(files) > limit:
-        raise ApiError(413, "too_many_files", f"{len(files)} files sent; this server takes at most {limit} per "
-                                              f"request. Split them over several requests.", limit=limit)
+        raise _too_many_files(True, limit, len(files))
     return [_read_part(f) for f in files]

@@ -77,6 +77,10 @@ class UnknownClassError(ValueError):
     """A class name that the loaded model does not know; the message lists the valid ones."""
 
 
+_NO_PIXELS = np.zeros((0, 0), np.float32)
+_NO_PIXELS.setflags(write=False)        # shared by every item that dropped its pixels: never written
+
+
 class PreparedImage(NamedTuple):
     """One decoded, preprocessed image waiting for the model (:meth:`Predictor.prepare`); callers that
     decode in worker threads, like the archive runner, hand batches of them to :meth:`Predictor.run_prepared`."""
@@ -86,6 +90,14 @@ class PreparedImage(NamedTuple):
     geometry: CropGeometry | None # where that square came from in the decoded image
     timings: dict[str, float]     # decode and preprocess milliseconds
     stop: str | None = None       # the modality gate's sentence: this input never reaches the network
+
+    def without_pixels(self) -> PreparedImage:
+        """This item with the decoded image's pixels dropped, for a prediction without a heatmap.
+
+        A prediction needs only the model input and the decoded image's metadata (source, colour, warnings,
+        DICOM header); the full-size pixels of a large upload are hundreds of MB (a 7.8 kB PNG can decode
+        to 64 megapixels x 4 bytes), so callers that queue items before the forward pass drop them."""
+        return self._replace(decoded=dataclasses.replace(self.decoded, pixels=_NO_PIXELS))
 
 
 @dataclass(frozen=True)
@@ -357,7 +369,11 @@ class Predictor:
 
         for index, image in enumerate(images):
             try:
-                pending.append((index, self.prepare(image, None if names is None else names[index])))
+                item = self.prepare(image, None if names is None else names[index])
+                # Without maps only the model input is needed: keep one full-size image alive, not a batch of
+                # them (and no local name for the full item, or it lives on while the next image decodes).
+                pending.append((index, item if with_maps else item.without_pixels()))
+                del item
             except ImageReadError as error:
                 results[index] = error
                 if progress is not None:
