@@ -10,6 +10,8 @@ exactly; full batches are tested in-process below and in tests/test_cli_single_i
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +30,7 @@ from mediscan.core.imaging import looks_like_image_file
 from mediscan.devtools.synthetic import CLASSES, dicom_bytes, pattern_image, tiny_model, write_tiny_checkpoint
 from mediscan.inference import archive
 from mediscan.inference.archive import ArchiveJob, iter_archive, parts_dir_for, run_archive
-from mediscan.inference.archive_csv import csv_fields, merge_csvs
+from mediscan.inference.archive_csv import csv_fields, merge_csvs, record_path_for
 from mediscan.inference.predictor import Predictor
 
 P_COLUMNS = [f"p_{name}" for name in CLASSES]
@@ -186,6 +188,41 @@ def test_resume_refuses_a_csv_of_other_classes(folder, checkpoint, tmp_path, cap
     assert code == 2 and "Cannot resume" in err and "cat, dog" in err and "bone, brain, heart, lungs" in err
     assert "--csv" in err and "Traceback" not in err
     assert out.read_bytes() == before                  # nothing lost
+
+
+def test_non_utf8_file_names_survive_the_summary_resume_and_merge(predictor, tmp_path):
+    root = tmp_path / "latin"
+    root.mkdir()
+    # Linux allows any bytes in a name; Python keeps the ones that are not UTF-8 as surrogates
+    Image.fromarray(pattern_image(0, 64)).save(root / os.fsdecode(b"caf\xe9.png"))
+    (root / os.fsdecode(b"cut\xe9.png")).write_bytes(b"")
+    out = tmp_path / "latin.csv"
+    outcome = run_archive(predictor, ArchiveJob(root, out, batch_size=1))
+    assert (outcome.summary.files, outcome.summary.error_count) == (2, 1)
+    assert out.read_bytes().count(b"caf\xe9.png") == 1          # the name's own bytes, no replacement character
+    Image.fromarray(pattern_image(1, 64)).save(root / "new.png")
+    outcome = run_archive(predictor, ArchiveJob(root, out, batch_size=1, resume=True))
+    assert (outcome.resumed, outcome.written, outcome.summary.files) == (2, 1, 3)
+    merged = tmp_path / "merged.csv"
+    assert merge_csvs([out], merged, csv_fields(CLASSES), "ck") == 0
+    assert merged.read_bytes() == out.read_bytes()               # one file in listing order merges to itself
+
+
+def test_resume_refuses_a_csv_written_by_another_checkpoint(folder, predictor, checkpoint, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    run_archive(predictor, ArchiveJob(folder, out, batch_size=4))
+    record = json.loads(record_path_for(out).read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    before = out.read_bytes()
+    other = write_tiny_checkpoint(tmp_path / "other.safetensors", seed=1, with_ood=True)   # same classes
+    code = cli.main([str(folder), "--checkpoint", str(other), "--csv", str(out), "--resume", "--no-progress",
+                     "--backend", "torch"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"Cannot resume {out}" in err and str(checkpoint) in err and str(other) in err
+    assert "--csv" in err and "--resume" in err and "Traceback" not in err
+    assert out.read_bytes() == before                           # nothing mixed in
+    outcome = run_archive(predictor, ArchiveJob(folder, out, batch_size=4, resume=True))   # the same one may
+    assert (outcome.resumed, outcome.written) == (12, 0)
 
 
 # -------------------------------------------------------------------------------------------- torchrun

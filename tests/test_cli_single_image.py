@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +177,63 @@ def test_bad_input_with_json_prints_a_json_error(checkpoint, tmp_path, capsys):
     assert code == 2 and record["exit_code"] == 2 and record["reason"] == "empty" and "0 bytes" in record["error"]
 
 
+@pytest.mark.parametrize("option, value, phrase", [
+    ("--uncertain-below", "1.5", "from 0 to 1"), ("--uncertain-below", "-0.1", "from 0 to 1"),
+    ("--batch-size", "-1", ">= 1"), ("--batch-size", "0", ">= 1"), ("--workers", "-1", ">= 1"),
+    ("--workers", "0", ">= 1"), ("--max-pixels", "-5", ">= 1"), ("--batch-size", "two", ">= 1")])
+def test_invalid_option_values_exit_2_naming_the_option(fast_load, checkpoint, tmp_path, capsys, option, value,
+                                                        phrase):
+    folder = tmp_path / "incoming"
+    save_png(folder / "a.png")
+    with pytest.raises(SystemExit) as stopped:        # argparse's usage error, before anything runs
+        cli.main([str(folder), "--checkpoint", str(checkpoint), "--csv", str(tmp_path / "r.csv"), option, value])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and option in err and phrase in err and "Traceback" not in err
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["csv_is_a_folder", "csv_under_a_file", "overlays_under_a_file",
+                                  "output_under_a_file", "output_unknown_format"])
+def test_unusable_output_paths_exit_2_naming_the_path(fast_load, checkpoint, image, tmp_path, capsys, case):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder would have to be")   # unwritable even for root
+    folder = tmp_path / "incoming"
+    save_png(folder / "a.png")
+    argv, named, advice = {            # the path as given, and what the message tells the user to do
+        "csv_is_a_folder": ([folder, "--csv", tmp_path], tmp_path, "give a file name in it"),
+        "csv_under_a_file": ([folder, "--csv", blocker / "r.csv"], blocker / "r.csv", "Choose a path"),
+        "overlays_under_a_file": ([folder, "--overlays", blocker / "ov"], blocker / "ov", "Choose a path"),
+        "output_under_a_file": ([image, "--output", blocker / "fig.png"], blocker / "fig.png", "Choose a path"),
+        "output_unknown_format": ([image, "--output", tmp_path / "fig.xyz"], tmp_path / "fig.xyz", ".png"),
+    }[case]
+    code, out, err = run([*argv, "--checkpoint", checkpoint, "--no-progress"], capsys)
+    assert code == 2 and err.startswith(f"error: {argv[1]} {named}") and advice in err
+    assert not list(tmp_path.rglob("*.csv")) and not (tmp_path / "fig.xyz").exists()
+
+
+def test_figure_without_extension_is_reported_as_the_file_written(fast_load, checkpoint, image, tmp_path, capsys):
+    code, out, _ = run([image, "--checkpoint", checkpoint, "--output", tmp_path / "out" / "fig"], capsys)
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert code == 0 and written == ["fig.png"] and f"Figure saved to {tmp_path / 'out' / 'fig.png'} " in out
+
+
+def test_a_fifo_is_refused_instead_of_blocking(checkpoint, tmp_path, capsys):
+    fifo = tmp_path / "f.png"
+    os.mkfifo(fifo)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(code=cli.main([str(fifo), "--checkpoint",
+                                                                          str(checkpoint)])), daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():               # blocked reading the FIFO: give it an end so that the thread finishes
+        with open(fifo, "wb"):
+            pass
+        worker.join(60)
+        pytest.fail("reading the FIFO blocked")
+    err = capsys.readouterr().err
+    assert result["code"] == 2 and str(fifo) in err and "not a regular file" in err and "Traceback" not in err
+
+
 def test_unknown_explain_class_exits_2_naming_the_classes(fast_load, checkpoint, image, capsys):
     code, _, err = run([image, "--checkpoint", checkpoint, "--explain-class", "liver", "--no-figure"], capsys)
     assert code == 2 and "liver" in err and all(name in err for name in CLASSES)
@@ -250,6 +309,70 @@ def test_folder_mode_resume_keeps_the_rows_and_does_the_new_files(fast_load, che
     text = results.read_text()
     assert text.startswith(first) and [line.split(",")[0] for line in text.splitlines()[1:]] == [
         "b.png", "c.png", "d.png"]
+
+
+def test_folder_mode_with_file_names_that_are_not_utf8(fast_load, checkpoint, tmp_path, capsys):
+    folder, results = tmp_path / "latin", tmp_path / "results.csv"
+    save_png(folder / os.fsdecode(b"caf\xe9.png"))                # a Latin-1 name, as Linux allows
+    (folder / os.fsdecode(b"cut\xe9.png")).write_bytes(b"")       # its error line prints the name
+    argv = [folder, "--checkpoint", checkpoint, "--csv", results, "--no-progress"]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "2 files: 1 predicted, 1 errors" in out and "cut\\xe9.png" in out
+    save_png(folder / "new.png", image_u8(seed=1))
+    code, out, _ = run(argv + ["--resume"], capsys)
+    assert code == 0 and "resumed: 2 files were already in the CSV, 1 done now" in out
+    assert results.read_bytes().count(b"caf\xe9.png") == 1
+
+
+def test_outputs_inside_the_input_folder_are_not_read_as_inputs(fast_load, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "incoming"
+    save_png(folder / "a.png")
+    save_png(folder / "b.png", image_u8(seed=1))
+    results, overlays = folder / "results.csv", folder / "zz"
+    argv = [folder, "--checkpoint", checkpoint, "--csv", results, "--overlays", overlays, "--no-progress"]
+    for _ in range(2):                  # the second run finds the first one's overlays in the folder
+        code, out, _ = run(argv, capsys)
+        assert code == 0 and "2 files: 2 predicted, 0 errors" in out
+    with open(results, newline="") as handle:
+        assert [row["path"] for row in csv.DictReader(handle)] == ["a.png", "b.png"]
+    assert sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*")) == ["a.png.png", "b.png.png"]
+
+
+def test_overlays_into_the_input_folder_itself_are_refused(fast_load, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "incoming"
+    save_png(folder / "a.png")
+    code, _, err = run([folder, "--checkpoint", checkpoint, "--csv", tmp_path / "r.csv", "--overlays", folder,
+                        "--no-progress"], capsys)
+    assert code == 2 and f"--overlays {folder}" in err and "Choose a folder outside" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"] and not (tmp_path / "r.csv").exists()
+
+
+def test_ctrl_c_in_folder_mode_exits_130_keeping_the_rows(fast_load, checkpoint, shared_predictor, tmp_path, capsys,
+                                                          monkeypatch):
+    folder, results = tmp_path / "incoming", tmp_path / "results.csv"
+    for k in range(5):
+        save_png(folder / f"{k}.png", image_u8(seed=k))
+    real, calls = shared_predictor.run_prepared, []
+
+    def interrupted(items, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 3:
+            raise KeyboardInterrupt         # what Ctrl-C raises, here inside the third batch's forward pass
+        return real(items, **kwargs)
+
+    monkeypatch.setattr(shared_predictor, "run_prepared", interrupted)
+    argv = [str(a) for a in (folder, "--checkpoint", checkpoint, "--csv", results, "--batch-size", "1",
+                             "--no-progress")]
+    try:
+        code = cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main(): the user sees a traceback")
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted after 2 files" in err and "--resume" in err and "Traceback" not in err
+    assert [line.split(",")[0] for line in results.read_text().splitlines()[1:]] == ["0.png", "1.png"]
+    monkeypatch.setattr(shared_predictor, "run_prepared", real)
+    code, out, _ = run(argv + ["--resume"], capsys)
+    assert code == 0 and "resumed: 2 files were already in the CSV, 3 done now" in out
 
 
 def test_empty_folder_exits_2(checkpoint, tmp_path, capsys):

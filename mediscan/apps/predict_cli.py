@@ -6,12 +6,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from mediscan.apps.exit_codes import EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_OK
 
 CSV_NAME = "predictions.csv"
+#: Exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a program the signal stopped.
+EXIT_INTERRUPTED = 130
+
+
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (a 0 or negative count is a mistake, not a request for the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1 (a confidence)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1 (a calibrated confidence), got {value:g}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -32,9 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explain-class", default=None, help="class to explain (default: the predicted one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay (default: 0.4)")
-    parser.add_argument("--uncertain-below", type=float, default=0.6,
+    parser.add_argument("--uncertain-below", type=fraction, default=0.6,
                         help="calibrated confidence below which the verdict is 'uncertain' (default: 0.6)")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--max-pixels", type=at_least_one, default=None,
                         help="refuse larger images (default: the library's decompression-bomb limit)")
     parser.add_argument("--header-map", type=Path, default=None,
                         help="JSON file overriding the DICOM header-check table (default: $MEDISCAN_HEADER_MAP, "
@@ -46,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     folder = parser.add_argument_group("folder mode (when INPUT is a folder)")
     folder.add_argument("--csv", type=Path, default=None, help=f"results CSV (default: ./{CSV_NAME})")
     folder.add_argument("--overlays", type=Path, default=None, help="also write one overlay PNG per image here")
-    folder.add_argument("--batch-size", type=int, default=None,
+    folder.add_argument("--batch-size", type=at_least_one, default=None,
                         help="images per forward pass (default: 8 on the CPU, 16 on a GPU)")
     folder.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     folder.add_argument("--resume", action="store_true",
@@ -57,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "to --csv, e.g. predictions.series.csv): instances, how many were analysed, the mean "
                              "calibrated probability per class, the series' class and verdict (the DICOM node's "
                              "rule) and the header checks; computed from the finished CSV")
-    folder.add_argument("--workers", type=int, default=None,
+    folder.add_argument("--workers", type=at_least_one, default=None,
                         help="threads decoding files ahead of the model (default: up to 4)")
     return parser
 
@@ -72,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.header_mapping = header_mapping(args)
+        check_paths(args)           # before the (slow) model load, and before anything is written
         if args.input.is_dir():
             if args.dicom_out is not None:
                 raise DicomOutError(f"--dicom-out takes one DICOM file, and {args.input} is a folder. Run it per "
@@ -89,8 +115,68 @@ def main(argv: list[str] | None = None) -> int:
         return run_single(load_predictor(args), image, args)
     except CheckpointError as exc:                  # ModelNotFoundError included
         return fail(args, exc, EXIT_NO_MODEL)
-    except (ImageReadError, UnknownClassError, HeaderMapError, DicomOutError) as exc:
+    except (ImageReadError, UnknownClassError, HeaderMapError, DicomOutError, PathError) as exc:
         return fail(args, exc, EXIT_BAD_INPUT)
+    except KeyboardInterrupt:       # folder mode reports its own (with a count); this is loading or one image
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+class PathError(ValueError):
+    """A path on the command line cannot be used (an input that is not a file, an output that cannot be written)."""
+
+
+def check_paths(args) -> None:
+    """Refuse an input that is neither a regular file nor a folder, and outputs that cannot be written, with
+    a message naming the path; settles ``args.output`` to the file the figure really goes to."""
+    source = args.input
+    if source.exists() and not source.is_file() and not source.is_dir():
+        # a FIFO or device would block the reader forever (missing files are left to the reader's message)
+        raise PathError(f"{source} is not a regular file or a folder (a FIFO, socket or device?): reading it "
+                        f"could block forever. Give an image file or a folder of images.")
+    if source.is_dir():
+        writable_file(args.csv or Path(CSV_NAME), "--csv")
+        if args.overlays is not None:
+            writable_folder(args.overlays, "--overlays")
+    elif source.is_file() and not args.no_figure:     # (a missing input: its own message, no folder made)
+        args.output = figure_path(args.output or Path(f"{source.stem}_gradcam.png"))
+        writable_file(args.output, "--output")
+
+
+def figure_path(path: Path) -> Path:
+    """The file the figure is saved as: ``fig`` -> ``fig.png`` (what matplotlib would write, said up front);
+    an extension matplotlib cannot write is refused."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise PathError(f"--output {path}: cannot write a '{path.suffix}' figure. Use one of "
+                        f"{', '.join('.' + name for name in sorted(formats))} (e.g. {path.with_suffix('.png')}).")
+    return path
+
+
+def writable_folder(folder: Path, option: str, given: Path | None = None) -> None:
+    """Create ``folder`` (the run would anyway) or say why it cannot be used; ``given``: the path the user
+    gave, when ``folder`` is the one it goes in."""
+    named = f"{option} {given or folder}: " + ("" if given is None else f"its folder {folder} ")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PathError(f"{named}cannot be created ({exc.strerror or exc}: {exc.filename or folder}). "
+                        f"Choose a path you can write to.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PathError(f"{named}is not writable. Choose a path you can write to.")
+
+
+def writable_file(path: Path, option: str) -> None:
+    """Check that ``path`` can be written as a file: not a folder, in a folder that exists (created here) and is
+    writable. Nothing is written to ``path`` itself."""
+    if path.is_dir():
+        raise PathError(f"{option} {path} is a folder; give a file name in it, e.g. "
+                        f"{path / (CSV_NAME if option == '--csv' else 'figure.png')}.")
+    writable_folder(path.parent, option, given=path)
 
 
 class DicomOutError(ValueError):
@@ -135,7 +221,7 @@ def run_single(predictor, image, args) -> int:
     explanation = predictor.explain(image, args.explain_class)
     figure = None
     if not args.no_figure and explanation.prediction.analysed:   # a gated input has no heatmap to draw
-        figure = args.output or Path(f"{args.input.stem}_gradcam.png")
+        figure = args.output or figure_path(Path(f"{args.input.stem}_gradcam.png"))
         save_figure(explanation, figure, args.alpha)
     written = None if args.dicom_out is None else write_dicom_out(predictor, args)
     if args.json:
@@ -183,7 +269,7 @@ def write_dicom_out(predictor, args) -> list:
 def print_report(explanation, figure: Path | None, predictor) -> None:
     from mediscan import NOT_FOR_CLINICAL_USE
     p = explanation.prediction
-    print(f"Image:      {p.source}")
+    print(f"Image:      {printable(p.source)}")
     if p.analysed:
         print(f"Prediction: {p.top_class} ({p.confidence:.1%} confidence)")
     else:
@@ -204,7 +290,7 @@ def print_report(explanation, figure: Path | None, predictor) -> None:
         print(f"Heatmap check: hiding the hottest 20% lowers '{explanation.explained_class}' by "
               f"{f['drop_top']:+.1%}, hiding a random 20% by {f['drop_random']:+.1%}.")
     if figure is not None:
-        print(f"Figure saved to {figure} (heatmap for '{explanation.explained_class}')")
+        print(f"Figure saved to {printable(figure)} (heatmap for '{explanation.explained_class}')")
     print(NOT_FOR_CLINICAL_USE)
 
 
@@ -252,8 +338,12 @@ def save_figure(explanation, path: Path, alpha: float = 0.4) -> Path:
         ax.axis("off")
     verdict = p.verdict.replace("_", " ")
     fig.suptitle(f"{p.top_class} ({p.confidence:.1%}) -- {verdict}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    except OSError as exc:          # checked up front, but the disk can still fill or the folder go away
+        raise PathError(f"--output {path}: cannot write the figure ({exc.strerror or exc}). Choose a path you "
+                        f"can write to, or pass --no-figure.") from None
     return path
 
 
@@ -281,24 +371,49 @@ def run_folder(args) -> int:
 def _run_folder(predictor, args, ranks) -> int:
     from tqdm import tqdm
 
-    from mediscan.inference.archive import ArchiveInputError, ArchiveJob, run_archive
+    from mediscan.inference.archive import ArchiveInputError, ArchiveJob, parts_dir_for, run_archive
     from mediscan.inference.archive_csv import ResumeError
 
-    job = ArchiveJob(args.input, args.csv or Path(CSV_NAME), args.batch_size or predictor.batch_size,
+    batch_size = predictor.batch_size if args.batch_size is None else args.batch_size
+    job = ArchiveJob(args.input, args.csv or Path(CSV_NAME), batch_size,
                      resume=args.resume, overlays=args.overlays, alpha=args.alpha, workers=args.workers)
     hidden = args.no_progress or not ranks.is_main or None       # None: tqdm hides itself without a terminal
+    written = 0
+
+    def progress(rows: int) -> None:        # called once a batch's rows are flushed to the CSV
+        nonlocal written
+        written += rows
+        bar.update(rows)
+
     try:
         with tqdm(unit="img", disable=hidden, file=sys.stderr) as bar:
-            outcome = run_archive(predictor, job, ranks, progress=bar.update)
+            outcome = run_archive(predictor, job, ranks, progress=progress)
     except (ArchiveInputError, ResumeError) as exc:
         if ranks.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:              # input files' errors become rows: this is an output that failed
+        print(f"error: cannot write {printable(exc.filename or job.csv_path)}: {exc.strerror or exc}. Free space "
+              f"or choose other --csv / --overlays paths, then rerun with --resume.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if ranks.is_main:
+            kept = parts_dir_for(job.csv_path) if ranks.enabled else job.csv_path
+            print(f"interrupted after {written} files{' on this rank' if ranks.enabled else ''}; the rows written "
+                  f"so far are kept in {printable(kept)}. Rerun the same command with --resume to continue.",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
     if outcome is not None:
-        print(folder_summary(outcome, args.overlays))
+        print(printable(folder_summary(outcome, args.overlays)))
         if args.per_series:
             print(series_summary(predictor, outcome.csv_path))
     return EXIT_OK
+
+
+def printable(text) -> str:
+    """``text`` safe to print: a file name that is not UTF-8 (kept as surrogates) shows its bytes as ``\\xe9``
+    instead of making print() raise UnicodeEncodeError."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def series_summary(predictor, csv_path: Path) -> str:

@@ -31,19 +31,24 @@ import torch
 from mediscan.core.imaging import looks_like_image_file
 from mediscan.core.ranks import ProcessRank
 from mediscan.inference.archive_csv import (
+    ENCODING,
     DoneSet,
     Summary,
+    check_checkpoint_record,
     csv_fields,
     error_row,
     merge_csvs,
     path_hash,
     prediction_row,
     read_done,
+    record_path_for,
     repair_tail,
     summarize_csv,
+    write_checkpoint_record,
 )
+from mediscan.inference.onnx_backend import file_sha256
 
-__all__ = ["ArchiveInputError", "Ranks", "join_ranks", "leave_ranks", "iter_archive", "ArchiveJob",
+__all__ = ["ArchiveInputError", "Ranks", "join_ranks", "leave_ranks", "iter_archive", "own_outputs", "ArchiveJob",
            "ArchiveOutcome", "run_archive", "parts_dir_for"]
 
 #: How long a rank waits at a barrier for the others. Ranks finish their shards at different times (one
@@ -99,11 +104,12 @@ def rank_device(ranks: Ranks) -> str | None:
 
 # -------------------------------------------------------------------------------------------- listing
 
-def iter_archive(root: Path) -> Iterator[tuple[str, str | None]]:
+def iter_archive(root: Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, str | None]]:
     """``(relative path, None)`` for every image file under ``root``, lazily, in listing order (depth
     first, each folder's entries sorted by name: the order of sorting the paths); a folder that cannot be
     listed gives ``("folder/", reason)`` instead of stopping. Symlinked folders are not followed (no loops);
-    only regular files are considered (a FIFO or device would block the reader)."""
+    only regular files are considered (a FIFO or device would block the reader). Relative paths in ``skip``
+    (files or folders: the run's own outputs, see :func:`own_outputs`) are left out."""
     stack: list[tuple[str, Iterator[str], set[str]]] = []
     prefix, entries, folders, problem = _scan(root, "")
     if problem:
@@ -117,6 +123,8 @@ def iter_archive(root: Path) -> Iterator[tuple[str, str | None]]:
             stack.pop()
             continue
         relative = prefix + name
+        if relative in skip:
+            continue
         if name in folders:
             sub_prefix, sub_entries, sub_folders, problem = _scan(root, relative + "/")
             if problem:
@@ -142,6 +150,27 @@ def _scan(root: Path, prefix: str) -> tuple[str, Iterator[str], set[str], str | 
         return prefix, iter(()), set(), f"Cannot list the folder {root / prefix}: {exc.strerror or exc}."
     names.sort()
     return prefix, iter(names), folders, None
+
+
+def own_outputs(job: "ArchiveJob") -> frozenset[str]:
+    """The run's outputs that lie under ``job.root``, as listing paths: the listing is lazy, so without this an
+    overlay written into a folder not listed yet (or the CSV) would come back as an input and be classified.
+
+    Raises :class:`ArchiveInputError` when the overlays would land among the inputs themselves (``overlays``
+    is ``root`` or a folder above it): those cannot be told from the images by path."""
+    root = job.root.resolve()
+    if job.overlays is not None and root.is_relative_to(job.overlays.resolve()):
+        raise ArchiveInputError(f"--overlays {job.overlays} is the input folder {job.root} or a folder above it, so "
+                                f"the overlay PNGs would be written among the images. Choose a folder outside "
+                                f"{job.root} (or a new sub-folder of it, which is then not read as input).")
+    outputs = [job.csv_path, parts_dir_for(job.csv_path), record_path_for(job.csv_path)]
+    outputs += [] if job.overlays is None else [job.overlays]
+    inside = set()
+    for path in outputs:
+        resolved = path.resolve()
+        if resolved.is_relative_to(root) and resolved != root:
+            inside.add("/".join(resolved.relative_to(root).parts))
+    return frozenset(inside)
 
 
 # -------------------------------------------------------------------------------------------- the job
@@ -188,7 +217,7 @@ def run_archive(predictor, job: ArchiveJob, ranks: Ranks = Ranks(), *,
     """
     if job.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {job.batch_size}")
-    listing = iter_archive(job.root)
+    listing = iter_archive(job.root, own_outputs(job))
     first = next(listing, None)
     if first is not None and first[0] == "":
         raise ArchiveInputError(first[1])
@@ -196,7 +225,7 @@ def run_archive(predictor, job: ArchiveJob, ranks: Ranks = Ranks(), *,
         raise ArchiveInputError(f"no image files under {job.root} (looked for PNG, JPEG, BMP, TIFF and DICOM, "
                                 f"recursively).")
     fields = csv_fields(predictor.classes)
-    plan = _plan(job, ranks, fields, str(predictor.checkpoint_path))
+    plan = _plan(job, ranks, fields, str(predictor.checkpoint_path), file_sha256(predictor.checkpoint_path))
     pending = (item for item in _chain(first, listing) if ranks.owns(item[0])
                and (not plan.done or path_hash(item[0]) not in plan.done))
     written = duplicates = 0
@@ -238,10 +267,13 @@ def _parts(csv_path: Path) -> list[Path]:
     return sorted(folder.glob("part-*.csv")) if folder.is_dir() else []
 
 
-def _plan(job: ArchiveJob, ranks: Ranks, fields: list[str], checkpoint: str) -> _Plan:
+def _plan(job: ArchiveJob, ranks: Ranks, fields: list[str], checkpoint: str, sha256: str) -> _Plan:
     """Decide where this rank writes and what is done already; no rank writes a row before every rank has
-    read the done set (two barriers), so all ranks skip the same files."""
+    read the done set (two barriers), so all ranks skip the same files. A resume by another checkpoint than
+    the one recorded beside the CSV is refused by every rank before anything is touched."""
     csv_path, parts_dir = job.csv_path, parts_dir_for(job.csv_path)
+    if job.resume and (csv_path.is_file() or _parts(csv_path)):
+        check_checkpoint_record(csv_path, checkpoint, sha256)
     if ranks.is_main:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         if not job.resume:
@@ -256,6 +288,8 @@ def _plan(job: ArchiveJob, ranks: Ranks, fields: list[str], checkpoint: str) -> 
     merge = ranks.enabled or bool(earlier)
     generation = 1 + max((int(path.name.split("-")[1][1:]) for path in earlier), default=0)
     ranks.barrier()
+    if ranks.is_main:
+        write_checkpoint_record(csv_path, checkpoint, sha256)
     if not merge:
         return _Plan(csv_path, job.resume, False, done)
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +301,7 @@ class _RowWriter:
 
     def __init__(self, path: Path, fields: list[str], append: bool):
         keep = append and path.is_file() and path.stat().st_size > 0
-        self.handle = open(path, "a" if keep else "w", newline="", encoding="utf-8", errors="surrogateescape")
+        self.handle = open(path, "a" if keep else "w", newline="", **ENCODING)
         self.writer = csv.writer(self.handle)
         if not keep:
             self.write([fields])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import heapq
+import json
 import os
 from array import array
 from collections import Counter
@@ -21,9 +22,15 @@ import numpy as np
 
 from mediscan.core.verdicts import series_verdict
 
-__all__ = ["DICOM_COLUMNS", "ResumeError", "csv_fields", "error_row", "prediction_row", "path_hash", "DoneSet",
+__all__ = ["DICOM_COLUMNS", "ENCODING", "ResumeError", "csv_fields", "error_row", "prediction_row", "path_hash",
+           "DoneSet",
            "row_key", "repair_tail", "check_header", "read_done", "merge_csvs", "Summary", "summarize_csv",
-           "SeriesRecord", "SERIES_COLUMNS", "series_row", "write_series_csv"]
+           "SeriesRecord", "SERIES_COLUMNS", "series_row", "write_series_csv", "record_path_for",
+           "check_checkpoint_record", "write_checkpoint_record"]
+
+#: How every results file is written and read back: UTF-8, with the bytes of a file name that is not UTF-8
+#: (Linux allows any bytes) kept as surrogates, so that such a row round-trips and its path hash stays the same.
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 #: Columns for DICOM inputs (empty for other files): the identifiers of the instance and what its header says
 #: it shows, plus the header cross-check (``agrees`` / ``disagrees`` / ``no_header`` / ``not_mapped``).
@@ -161,7 +168,7 @@ def check_header(path: Path, header: list[str], expected: list[str], checkpoint:
 
 def _rows(path: Path, expected: list[str], checkpoint: str) -> Iterator[list[str]]:
     """The rows of one results file (header checked; a file that is empty or only a header has none)."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", **ENCODING) as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
@@ -188,7 +195,7 @@ def merge_csvs(sources: Sequence[Path], target: Path, expected: list[str], check
     as repeats of the row before (the first of them is kept)."""
     temporary = target.with_name(f".{target.name}.merging")
     streams = [_rows(path, expected, checkpoint) for path in sources]
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+    with open(temporary, "w", newline="", **ENCODING) as handle:
         writer = csv.writer(handle)
         writer.writerow(expected)
         previous, dropped = None, 0
@@ -200,6 +207,48 @@ def merge_csvs(sources: Sequence[Path], target: Path, expected: list[str], check
                 previous = row[0]
     os.replace(temporary, target)
     return dropped
+
+
+# -------------------------------------------------------------------------------------------- checkpoint record
+
+def record_path_for(csv_path: Path) -> Path:
+    """The sidecar naming the checkpoint that wrote ``csv_path``: ``results.csv`` -> ``results.csv.checkpoint.json``."""
+    return csv_path.with_name(csv_path.name + ".checkpoint.json")
+
+
+def write_checkpoint_record(csv_path: Path, checkpoint: str, sha256: str) -> None:
+    """Record which checkpoint writes ``csv_path`` (its path and the sha256 of its bytes), atomically.
+
+    A sidecar rather than a column: the CSV keeps the columns it always had, and the record costs one file,
+    not 64 characters a row."""
+    target = record_path_for(csv_path)
+    temporary = target.with_name(f".{target.name}.writing")
+    temporary.write_text(json.dumps({"csv": csv_path.name, "checkpoint": checkpoint, "checkpoint_sha256": sha256},
+                                    indent=1) + "\n", **ENCODING)
+    os.replace(temporary, target)
+
+
+def check_checkpoint_record(csv_path: Path, checkpoint: str, sha256: str) -> None:
+    """Refuse to resume ``csv_path`` when its sidecar says another checkpoint (other bytes) wrote it.
+
+    No sidecar (a CSV written before this check existed, or copied without it): nothing to compare, so the
+    resume goes on and the sidecar is written from now on."""
+    record_path = record_path_for(csv_path)
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(**ENCODING))
+        theirs = str(record["checkpoint_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(f"Cannot resume {csv_path}: its checkpoint record {record_path} is unreadable ({exc}). "
+                          f"Delete {record_path} if you are sure {checkpoint} wrote the CSV, write to another "
+                          f"file with --csv, or leave out --resume to start over.") from None
+    if theirs != sha256:
+        raise ResumeError(f"Cannot resume {csv_path}: it was written by the checkpoint {record.get('checkpoint')} "
+                          f"(sha256 {theirs[:12]}...), but {checkpoint} has sha256 {sha256[:12]}... (another or a "
+                          f"retrained model; mixing their rows would mix two models' answers). Resume with the "
+                          f"checkpoint that wrote it, write to another file with --csv, or leave out --resume "
+                          f"to start over.")
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -233,7 +282,7 @@ def summarize_csv(path: Path, classes: Sequence[str], per_series: bool = False, 
     DICOM series' :class:`SeriesRecord` (one small record per series, not per file; ``ood_threshold``, the
     detector's limit, tells flagged rows from colour ones)."""
     summary = Summary()
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", **ENCODING) as handle:
         for row in csv.DictReader(handle):
             summary.files += 1
             if row["error"]:
@@ -315,7 +364,7 @@ def series_row(uid: str, record: SeriesRecord, classes: Sequence[str], *, uncert
 def write_series_csv(summary: Summary, target: Path, classes: Sequence[str], *, uncertain_below: float,
                      ood_threshold: float | None = None, has_detector: bool = False) -> None:
     """One row per DICOM series (:func:`series_row`), sorted by SeriesInstanceUID."""
-    with open(target, "w", newline="", encoding="utf-8") as handle:
+    with open(target, "w", newline="", **ENCODING) as handle:
         writer = csv.writer(handle)
         writer.writerow([*SERIES_COLUMNS, *(f"p_{name}" for name in classes), "verdict", "header_check"])
         for uid, record in sorted(summary.series.items()):
