@@ -171,3 +171,34 @@ def test_serve_passes_batch_workers_to_the_batcher_and_refuses_zero(predictor, c
     default = create_app({**serve.app_config(serve.get_args_parser().parse_args([])), "PREDICTOR": predictor})
     assert chosen.extensions["mediscan"].batcher.workers == 3
     assert default.extensions["mediscan"].batcher.workers == 2          # the documented default (docs/api.md)
+
+
+def test_a_request_waiting_in_the_batch_window_does_not_hold_its_full_size_pixels(predictor, monkeypatch):
+    """While a request waits for its batch, only the model input may stay alive: a crowd of large uploads
+    waiting together must not hold their full-size decoded images (a 7.8 kB PNG can decode to 256 MB)."""
+    import gc
+    import time
+    import weakref
+
+    import mediscan.inference.predictor as predictor_module
+    real_read, refs, decoded = predictor_module.read_image, [], threading.Event()
+
+    def tracked_read(*args, **kwargs):
+        image = real_read(*args, **kwargs)
+        refs.append(weakref.ref(image.pixels))
+        decoded.set()
+        return image
+    monkeypatch.setattr(predictor_module, "read_image", tracked_read)
+    batcher = Batcher(predictor, window_ms=3000, max_batch=8)      # it waits 3 s for company that never comes
+    data = png(1, 3)
+    out = []
+    waiting = threading.Thread(target=lambda: out.append(batcher.predict(data, "big.png")))
+    waiting.start()
+    assert decoded.wait(30)
+    time.sleep(0.3)                                                 # decoded, prepared, now waiting
+    gc.collect()
+    alive = refs[0]() is not None
+    waiting.join(60)
+    assert not alive, "the waiting request still holds its full-size pixels"
+    monkeypatch.setattr(predictor_module, "read_image", real_read)
+    assert out[0][0].to_dict()["probabilities"] == predictor.predict(data, name="big.png").to_dict()["probabilities"]

@@ -225,6 +225,36 @@ def test_resume_refuses_a_csv_written_by_another_checkpoint(folder, predictor, c
     assert (outcome.resumed, outcome.written) == (12, 0)
 
 
+def test_a_csv_without_a_checkpoint_record_is_resumed_with_a_warning_and_never_certified(folder, predictor,
+                                                                                         tmp_path, capsys):
+    """A CSV from before the record existed: nobody knows which checkpoint wrote its rows. It is resumed (with
+    a warning), but no record is written for it: one naming this checkpoint would certify the old rows, and
+    every later resume would then trust them."""
+    out = tmp_path / "old.csv"
+    run_archive(predictor, ArchiveJob(folder, out, batch_size=4))
+    record_path_for(out).unlink()
+    capsys.readouterr()
+    outcome = run_archive(predictor, ArchiveJob(folder, out, batch_size=4, resume=True))
+    assert (outcome.resumed, outcome.written) == (12, 0)
+    err = capsys.readouterr().err
+    assert "has no checkpoint record" in err and "Leave out --resume" in err
+    assert not record_path_for(out).exists()
+
+
+def test_a_fresh_run_with_part_files_removes_the_old_csv_before_any_row(folder, predictor, tmp_path, monkeypatch):
+    """Without --resume, under torchrun, rows go to part files and the CSV is only replaced by the final
+    merge. The old CSV must go at the start: a run killed before the merge would otherwise leave the old
+    model's rows beside a record naming the new checkpoint, and a --resume would mix the two."""
+    out = tmp_path / "results.csv"
+    run_archive(predictor, ArchiveJob(folder, out, batch_size=4))                  # checkpoint A's rows
+    monkeypatch.setattr(archive.Ranks, "barrier", lambda self: None)              # rank 0 of 2, alone here
+    plan = archive._plan(ArchiveJob(folder, out, batch_size=4), archive.Ranks(0, 2, 0), csv_fields(CLASSES),
+                         "b.safetensors", "b" * 64)
+    assert plan.merge and plan.target.parent == parts_dir_for(out)
+    assert not out.exists()
+    assert json.loads(record_path_for(out).read_text())["checkpoint_sha256"] == "b" * 64
+
+
 # -------------------------------------------------------------------------------------------- torchrun
 
 def torchrun(*args, processes: int = 2, **popen) -> subprocess.Popen:

@@ -94,6 +94,7 @@ class Batcher:
             return self.predictor.run_prepared([item])[0], 0
         # Queued jobs keep only the model input: a crowd of large uploads must not hold their full-size pixels.
         job = _Job(item.without_pixels(), time.perf_counter())
+        del item                             # or this thread holds the full-size pixels while it waits
         self._submit(job)
         job.done.wait()
         if job.error is not None:

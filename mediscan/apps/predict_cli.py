@@ -393,12 +393,15 @@ def _run_folder(predictor, args, ranks) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:              # input files' errors become rows: this is an output that failed
-        print(f"error: cannot write {printable(exc.filename or job.csv_path)}: {exc.strerror or exc}. Free space "
-              f"or choose other --csv / --overlays paths, then rerun with --resume.", file=sys.stderr)
+        if ranks.is_main:
+            print(f"error: cannot read or write {printable(exc.filename or job.csv_path)}: {exc.strerror or exc}. "
+                  f"Free space, fix its permissions or choose other --csv / --overlays paths, then rerun with "
+                  f"--resume.", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if ranks.is_main:
-            kept = parts_dir_for(job.csv_path) if ranks.enabled else job.csv_path
+            # Rows go to part files under torchrun and when resuming an earlier torchrun run (merged at the end).
+            kept = parts_dir_for(job.csv_path) if parts_dir_for(job.csv_path).is_dir() else job.csv_path
             print(f"interrupted after {written} files{' on this rank' if ranks.enabled else ''}; the rows written "
                   f"so far are kept in {printable(kept)}. Rerun the same command with --resume to continue.",
                   file=sys.stderr)
@@ -406,7 +409,7 @@ def _run_folder(predictor, args, ranks) -> int:
     if outcome is not None:
         print(printable(folder_summary(outcome, args.overlays)))
         if args.per_series:
-            print(series_summary(predictor, outcome.csv_path))
+            print(printable(series_summary(predictor, outcome.csv_path)))
     return EXIT_OK
 
 

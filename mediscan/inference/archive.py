@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -272,12 +273,22 @@ def _plan(job: ArchiveJob, ranks: Ranks, fields: list[str], checkpoint: str, sha
     read the done set (two barriers), so all ranks skip the same files. A resume by another checkpoint than
     the one recorded beside the CSV is refused by every rank before anything is touched."""
     csv_path, parts_dir = job.csv_path, parts_dir_for(job.csv_path)
+    # Rows of unknown origin (a CSV from before the record existed) are resumed, but never certified.
+    certify = True
     if job.resume and (csv_path.is_file() or _parts(csv_path)):
-        check_checkpoint_record(csv_path, checkpoint, sha256)
+        certify = check_checkpoint_record(csv_path, checkpoint, sha256)
+        if not certify and ranks.is_main:
+            print(f"warning: {csv_path} has no checkpoint record ({record_path_for(csv_path).name}), so it cannot "
+                  f"be checked that {checkpoint} wrote its rows; resuming anyway. Leave out --resume to start "
+                  f"over if another model wrote them.", file=sys.stderr)
     if ranks.is_main:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         if not job.resume:
             shutil.rmtree(parts_dir, ignore_errors=True)   # a killed run's parts must not join this one
+            # Nor the old CSV: with part files it would stay until the final merge, and a run killed before
+            # then would leave the old model's rows under this checkpoint's record.
+            csv_path.unlink(missing_ok=True)
+            record_path_for(csv_path).unlink(missing_ok=True)
         else:
             for path in [csv_path] * csv_path.is_file() + _parts(csv_path):
                 repair_tail(path)                          # a row cut by a crash is redone
@@ -288,7 +299,7 @@ def _plan(job: ArchiveJob, ranks: Ranks, fields: list[str], checkpoint: str, sha
     merge = ranks.enabled or bool(earlier)
     generation = 1 + max((int(path.name.split("-")[1][1:]) for path in earlier), default=0)
     ranks.barrier()
-    if ranks.is_main:
+    if ranks.is_main and certify:
         write_checkpoint_record(csv_path, checkpoint, sha256)
     if not merge:
         return _Plan(csv_path, job.resume, False, done)

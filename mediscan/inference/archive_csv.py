@@ -228,14 +228,16 @@ def write_checkpoint_record(csv_path: Path, checkpoint: str, sha256: str) -> Non
     os.replace(temporary, target)
 
 
-def check_checkpoint_record(csv_path: Path, checkpoint: str, sha256: str) -> None:
-    """Refuse to resume ``csv_path`` when its sidecar says another checkpoint (other bytes) wrote it.
+def check_checkpoint_record(csv_path: Path, checkpoint: str, sha256: str) -> bool:
+    """Refuse to resume ``csv_path`` when its sidecar says another checkpoint (other bytes) wrote it; ``True``
+    when the sidecar names this one.
 
     No sidecar (a CSV written before this check existed, or copied without it): nothing to compare, so the
-    resume goes on and the sidecar is written from now on."""
+    resume goes on and ``False`` is returned. The caller must not then write a sidecar: it would certify
+    rows whose checkpoint nobody knows."""
     record_path = record_path_for(csv_path)
     if not record_path.is_file():
-        return
+        return False
     try:
         record = json.loads(record_path.read_text(**ENCODING))
         theirs = str(record["checkpoint_sha256"])
@@ -249,6 +251,7 @@ def check_checkpoint_record(csv_path: Path, checkpoint: str, sha256: str) -> Non
                           f"retrained model; mixing their rows would mix two models' answers). Resume with the "
                           f"checkpoint that wrote it, write to another file with --csv, or leave out --resume "
                           f"to start over.")
+    return True
 
 
 # -------------------------------------------------------------------------------------------- summary
