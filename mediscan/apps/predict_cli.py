@@ -221,7 +221,7 @@ def run_single(predictor, image, args) -> int:
     explanation = predictor.explain(image, args.explain_class)
     figure = None
     if not args.no_figure and explanation.prediction.analysed:   # a gated input has no heatmap to draw
-        figure = args.output or figure_path(Path(f"{args.input.stem}_gradcam.png"))
+        figure = args.output                 # settled by check_paths: the file the figure goes to
         save_figure(explanation, figure, args.alpha)
     written = None if args.dicom_out is None else write_dicom_out(predictor, args)
     if args.json:

@@ -327,9 +327,10 @@ def _percentile(scores: torch.Tensor, percentile: float) -> float:
     return float(torch.quantile(scores.double(), percentile / 100.0, interpolation="higher"))
 
 
-def _threshold(scores: torch.Tensor, percentile: float) -> float:
+def _threshold(scores: torch.Tensor, percentile: float, margin: float = 0.0) -> float:
     """Halfway between the ``percentile``-th percentile of ``scores`` (see :func:`_percentile`) and the
-    next higher score: it flags exactly the held-out images the percentile flags.
+    next higher score, and at least ``margin`` above that percentile: it flags exactly the held-out images
+    the percentile flags.
 
     Why not the percentile itself: that is one image's own score, and an image *on* the threshold is
     flagged by the slightest rounding difference between how training computed its features and how
@@ -339,7 +340,8 @@ def _threshold(scores: torch.Tensor, percentile: float) -> float:
     scores = scores.double()
     kept = _percentile(scores, percentile)
     above = scores[scores > kept]
-    return kept if len(above) == 0 else (kept + float(above.min())) / 2.0
+    halfway = kept if len(above) == 0 else (kept + float(above.min())) / 2.0
+    return max(halfway, kept + margin)
 
 
 def _placed_threshold(held: torch.Tensor, combination: str, reference: torch.Tensor | None, complete: bool,
@@ -350,10 +352,8 @@ def _placed_threshold(held: torch.Tensor, combination: str, reference: torch.Ten
     # Rounded to float32 as :meth:`OODDetector.score` returns it: the threshold is placed among the
     # scores the Predictor will compare with it.
     combined = combine(held, combination, reference, leave_one_out=complete).float()
-    threshold = _threshold(combined, percentile)
-    if combination == "fisher" and complete:
-        threshold = max(threshold, _percentile(combined, percentile) + _fisher_margin(*reference.shape))
-    return combined, threshold
+    margin = _fisher_margin(*reference.shape) if combination == "fisher" and complete else 0.0
+    return combined, _threshold(combined, percentile, margin)
 
 
 def _fisher_margin(parts: int, size: int) -> float:

@@ -34,7 +34,7 @@ from pynetdicom.sop_class import Verification
 from mediscan.core.decoded import DecodedImage
 from mediscan.core.imaging import ImageReadError
 from mediscan.core.modality_gate import DEFAULT_MODALITIES
-from mediscan.dicom.series import INSTANCE_OVERHEAD_BYTES, PendingSeries, decode_instance
+from mediscan.dicom.series import PendingSeries, decode_instance, held_size
 from mediscan.dicom.uids import is_own_instance, log_id
 
 __all__ = ["OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "SeriesCollector", "build_ae", "is_image_storage",
@@ -63,7 +63,7 @@ class SeriesCollector:
     def add(self, series_uid: str, image: DecodedImage, header, association: int) -> bool:
         """File a decoded instance; ``False`` (and nothing filed) when it would exceed the memory bound."""
         with self._lock:
-            if self.held_bytes + image.pixels.nbytes + INSTANCE_OVERHEAD_BYTES > self.max_held_bytes:
+            if self.held_bytes + held_size(image) > self.max_held_bytes:
                 return False
             series = self._series.setdefault(series_uid, PendingSeries(series_uid, self.max_slices))
             self.held_bytes += series.add(image, header, association)
@@ -142,7 +142,7 @@ def store_handler(event, collector: SeriesCollector, *, max_instance_bytes: int,
             collector.count_failure(series_uid)
         log.warning("refused an instance of series %s: %s", log_id(series_uid), image)
         return _status(CANNOT_UNDERSTAND, f"MediScan cannot use this image: {image}")
-    if image.pixels.nbytes + INSTANCE_OVERHEAD_BYTES > collector.max_held_bytes:
+    if held_size(image) > collector.max_held_bytes:
         # It would never fit: "out of resources" would have the sender retry it for ever.
         stats["refused"] += 1
         collector.count_failure(series_uid)

@@ -27,7 +27,8 @@ from mediscan.core.modality_gate import gate_unreadable
 from mediscan.core.verdicts import series_verdict
 from mediscan.dicom.structured_report import SeriesFinding
 
-__all__ = ["Instance", "PendingSeries", "SeriesResult", "analyse_series", "decode_instance", "sample_evenly"]
+__all__ = ["Instance", "PendingSeries", "SeriesResult", "analyse_series", "decode_instance", "held_size",
+           "sample_evenly"]
 
 
 #: What an instance costs beside its pixels (its header without pixel data, the bookkeeping), for the bound.
@@ -56,7 +57,12 @@ class Instance:
     @property
     def nbytes(self) -> int:
         """Memory this instance holds, as the collector's bound counts it."""
-        return self.image.pixels.nbytes + INSTANCE_OVERHEAD_BYTES
+        return held_size(self.image)
+
+
+def held_size(image: DecodedImage) -> int:
+    """What keeping ``image`` for its series' analysis costs, as the collector's memory bound counts it."""
+    return image.pixels.nbytes + INSTANCE_OVERHEAD_BYTES
 
 
 def decode_instance(data: bytes, *, name: str, max_pixels: int, modalities: tuple[str, ...]) -> DecodedImage:
